@@ -1,0 +1,31 @@
+# Two entry points for a fresh Debian/Ubuntu machine, as root:
+#   make up    install everything, then run the example stack
+#   make test  install everything, then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXAMPLE ?= examples/hello/stack.toml
+
+.PHONY: setup up test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install-system-deps
+	./scripts/install-system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+up: setup
+	$(BIN)/stackd -f $(EXAMPLE) config
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check stackd tests
+	$(BIN)/mypy stackd
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
