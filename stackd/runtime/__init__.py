@@ -1,0 +1,1 @@
+"""Kernel facilities for one service each: cgroups, network, rootfs, mounts and the launcher."""
