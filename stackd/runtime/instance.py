@@ -1,0 +1,136 @@
+"""One service's host resources around a launch: state directories, cgroup, plan; and their removal.
+
+    facts = HostFacts.gather()                       # once per supervisor
+    instance = prepare(service, project="shop", paths=StackPaths("shop"), facts=facts)
+    pid = await launcher.launch(instance.plan, stdout=w, stderr=w)
+    ...
+    instance.dispose()                               # kills what is left in the cgroup, removes all
+
+Knows one service and nothing of the stack graph (design.md §2).
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stackd.errors import LaunchError
+from stackd.runtime.cgroups import CgroupDriver, CgroupLimits, ServiceCgroup, detect_driver, read_cgroup_mounts
+from stackd.runtime.paths import StackPaths
+from stackd.runtime.plan import LaunchPlan, Mount, build_plan, cgroup_view
+from stackd.spec.capabilities import effective_capabilities
+from stackd.spec.models import Service
+
+__all__ = ["HostFacts", "Instance", "cgroup_limits", "find_init", "prepare"]
+
+#: Init binaries stackd can run as pid 1 with `init = true`, static ones first (they work in any rootfs).
+INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/bin/catatonit", "/usr/libexec/podman/catatonit", "/usr/bin/tini")
+
+
+def find_init() -> str | None:
+    """The first init binary installed on the host, or None."""
+    return next((path for path in INIT_CANDIDATES if Path(path).is_file()), None)
+
+
+SeccompCompiler = Callable[[Service, frozenset[str]], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the runtime learns about the host once: the cgroup driver and layout, the init binary,
+    host secrets to hide, and how to compile a service's seccomp filter."""
+
+    driver: CgroupDriver
+    cgroup_mounts: tuple[Mount, ...]
+    init_binary: str | None
+    secret_files: tuple[str, ...]
+    compile_seccomp: SeccompCompiler | None = None
+
+    @classmethod
+    def gather(cls, *, compile_seccomp: SeccompCompiler | None = None) -> HostFacts:
+        return cls(
+            driver=detect_driver(),
+            cgroup_mounts=cgroup_view(read_cgroup_mounts()),
+            init_binary=find_init(),
+            secret_files=tuple(sorted(glob.glob("/etc/ssh/ssh_host_*_key"))),
+            compile_seccomp=compile_seccomp,
+        )
+
+
+def cgroup_limits(service: Service) -> CgroupLimits:
+    """The cgroup limits of a service. Like Docker, a memory limit without memswap_limit allows as
+    much swap as memory (memswap = 2 x memory); memswap_limit = -1 allows unlimited swap."""
+    swap = service.memswap_limit
+    if service.mem_limit is not None and swap is None:
+        swap = 2 * service.mem_limit
+    return CgroupLimits(
+        cpus=service.cpus,
+        memory=service.mem_limit,
+        memory_swap=swap,
+        pids=service.pids_limit,
+        devices_allowlist=True,
+    )
+
+
+@dataclass
+class Instance:
+    """A prepared service: its plan, its cgroup and its state directory."""
+
+    service: Service
+    project: str
+    paths: StackPaths
+    cgroup: ServiceCgroup
+    plan: LaunchPlan
+    state_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir = self.paths.service(self.service.name)
+
+    def dispose(self, *, keep_state: bool = False) -> None:
+        """Kill whatever still runs in the cgroup, remove it, and (unless keep_state) the state dir."""
+        self.cgroup.remove()
+        if not keep_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def prepare(
+    service: Service,
+    *,
+    project: str,
+    paths: StackPaths,
+    facts: HostFacts,
+    join_netns: str | None = None,
+    extra_binds: Sequence[Mount] = (),
+) -> Instance:
+    """Create the service's state directories and cgroup, and build its plan. On failure, undo."""
+    if service.init and facts.init_binary is None:
+        raise LaunchError(
+            service.name, "init", detail="init = true needs tini or catatonit on the host (apt-get install tini)"
+        )
+    for directory in (paths.upper(service.name), paths.work(service.name), paths.root(service.name)):
+        directory.mkdir(parents=True, exist_ok=True)
+    cgroup = facts.driver.create(project, service.name, cgroup_limits(service))
+    try:
+        bpf = None
+        if facts.compile_seccomp is not None and service.security_opt.seccomp != "unconfined":
+            bpf = facts.compile_seccomp(service, effective_capabilities(service.cap_add, service.cap_drop))
+        plan = build_plan(
+            service,
+            project=project,
+            paths=paths,
+            cgroup_procs=cgroup.procs_files,
+            cgroup_mounts=facts.cgroup_mounts,
+            join_netns=join_netns,
+            seccomp_bpf=bpf,
+            init_binary=facts.init_binary if service.init else None,
+            host_secret_files=facts.secret_files,
+            extra_binds=extra_binds,
+        )
+    except BaseException:
+        cgroup.remove()
+        shutil.rmtree(paths.service(service.name), ignore_errors=True)
+        raise
+    return Instance(service, project, paths, cgroup, plan)

@@ -1,0 +1,179 @@
+"""The supervisor's side of the launcher: start the launcher process, send it plans, hear of exits.
+
+    async with Launcher.open() as launcher:
+        pid = await launcher.launch(plan, stdout=w1, stderr=w2)
+        exit = await launcher.wait(pid)
+
+See stackd.runtime.launcher_server for the process itself and its protocol.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from stackd.errors import LaunchError
+from stackd.runtime.plan import LaunchPlan
+
+__all__ = ["Exit", "Launcher"]
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv[2]); from stackd.runtime.launcher_server import main; main()"
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How a service's process ended: an exit code, or the signal that killed it."""
+
+    pid: int
+    code: int | None
+    signal: int | None
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with code {self.code}"
+
+
+class Launcher:
+    """A running launcher process and the one connection to it."""
+
+    def __init__(self, sock: socket.socket, process: subprocess.Popen[bytes]) -> None:
+        self._sock = sock
+        self._process = process
+        self._ids = itertools.count(1)
+        self._replies: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
+        self._exits: dict[int, Exit] = {}
+        self._exit_events: dict[int, anyio.Event] = {}
+        self._listeners: list[Callable[[Exit], None]] = []
+        self._closed = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls) -> AsyncIterator[Launcher]:
+        """Start a launcher process; stop it (not the services) on exit."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, str(theirs.fileno()), _PACKAGE_PARENT],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        launcher = cls(ours, process)
+        failure: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(launcher._read_loop)
+                try:
+                    yield launcher
+                except BaseException as error:  # re-raised below, unwrapped from the task group
+                    failure = error
+                finally:
+                    group.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+        finally:
+            with anyio.CancelScope(shield=True):
+                await launcher._shutdown()
+
+    def on_exit(self, listener: Callable[[Exit], None]) -> None:
+        """Call `listener` for every service exit, as soon as the launcher reports it."""
+        self._listeners.append(listener)
+
+    async def launch(self, plan: LaunchPlan, *, stdout: int, stderr: int) -> int:
+        """Start the service of `plan` with the given output fds; return its pid once it has exec'd.
+
+        Raises LaunchError naming the step that failed.
+        """
+        reply = await self._request({"op": "launch", "plan": plan.to_wire()}, fds=[stdout, stderr])
+        if reply["op"] == "failed":
+            raise LaunchError(
+                plan.service, reply["step"], errno=reply["errno"], path=reply["path"] or None, detail=reply["detail"]
+            )
+        return int(reply["pid"])
+
+    async def wait(self, pid: int) -> Exit:
+        """Wait for the service process `pid` to end."""
+        if pid not in self._exits:
+            event = self._exit_events.setdefault(pid, anyio.Event())
+            await event.wait()
+        return self._exits[pid]
+
+    def exited(self, pid: int) -> Exit | None:
+        """The exit of `pid` if the launcher has reported it."""
+        return self._exits.get(pid)
+
+    async def ping(self) -> None:
+        await self._request({"op": "ping"})
+
+    async def _request(self, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        if self._closed:
+            raise LaunchError(str(message.get("plan", {}).get("service", "?")), "launcher", detail="launcher is gone")
+        request_id = next(self._ids)
+        event, box = anyio.Event(), []
+        self._replies[request_id] = (event, box)
+        data = json.dumps({**message, "id": request_id}).encode()
+        while True:
+            try:
+                socket.send_fds(self._sock, [data], fds or [])
+                break
+            except BlockingIOError:
+                await anyio.wait_writable(self._sock)
+        await event.wait()
+        return box[0]
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                continue
+            if not data:
+                self._closed = True
+                for event, box in self._replies.values():
+                    box.append(
+                        {"op": "failed", "step": "launcher", "errno": None, "path": "", "detail": "launcher died"}
+                    )
+                    event.set()
+                return
+            message = json.loads(data)
+            if message["op"] == "exited":
+                self._record_exit(Exit(message["pid"], message["code"], message["signal"]))
+            else:
+                event, box = self._replies.pop(message["id"])
+                box.append(message)
+                event.set()
+
+    def _record_exit(self, exit: Exit) -> None:
+        self._exits[exit.pid] = exit
+        event = self._exit_events.pop(exit.pid, None)
+        if event is not None:
+            event.set()
+        for listener in self._listeners:
+            listener(exit)
+
+    async def _shutdown(self) -> None:
+        self._closed = True
+        self._sock.close()
+        try:
+            await anyio.to_thread.run_sync(self._process.wait, 5)
+        except subprocess.TimeoutExpired:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()

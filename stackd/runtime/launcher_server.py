@@ -1,0 +1,509 @@
+"""The launcher process: a small, single-threaded program that forks namespaced services on request.
+
+It imports only the standard library and stackd._sys, starts no thread, and is started once per
+supervisor (design.md §3): forking from it is safe, where forking from the asyncio supervisor is not.
+It is the subreaper of every service it starts, reaps them, and reports each exit at once.
+
+Protocol, over one AF_UNIX SOCK_SEQPACKET socket (one JSON object a message):
+  -> {"op": "launch", "id": N, "plan": {...LaunchPlan.to_wire()...}}  with fds [stdout, stderr] attached
+  <- {"op": "started", "id": N, "pid": P}
+  <- {"op": "failed", "id": N, "step": "...", "errno": E|null, "path": "...", "detail": "..."}
+  <- {"op": "exited", "pid": P, "code": C|null, "signal": S|null}
+  -> {"op": "ping", "id": N}   <- {"op": "pong", "id": N}
+The launcher exits when the socket closes; the services it started keep running (`stackd down`
+kills them through their cgroups).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import selectors
+import signal
+import socket
+import stat
+import sys
+
+from stackd._sys import caps, linux
+from stackd._sys.inroot import open_in_root
+
+MAX_MESSAGE = 1 << 20
+
+_NAMESPACE_FLAGS = {
+    "mount": linux.CLONE_NEWNS,
+    "uts": linux.CLONE_NEWUTS,
+    "ipc": linux.CLONE_NEWIPC,
+    "pid": linux.CLONE_NEWPID,
+    "net": linux.CLONE_NEWNET,
+    "cgroup": linux.CLONE_NEWCGROUP,
+    "time": linux.CLONE_NEWTIME,
+}
+_MOUNT_FLAGS = {
+    "ro": linux.MS_RDONLY,
+    "nosuid": linux.MS_NOSUID,
+    "nodev": linux.MS_NODEV,
+    "noexec": linux.MS_NOEXEC,
+    "rec": linux.MS_REC,
+    "strictatime": linux.MS_STRICTATIME,
+    "relatime": linux.MS_RELATIME,
+    "noatime": linux.MS_NOATIME,
+}
+
+
+class StepError(Exception):
+    """A launch step failed: which step, on which path, with which errno."""
+
+    def __init__(self, step: str, error: BaseException | None = None, path: str = "", detail: str = "") -> None:
+        self.step = step
+        self.errno = getattr(error, "errno", None)
+        self.path = path or (getattr(error, "filename", None) or "")
+        strerror = getattr(error, "strerror", None) or ""
+        if self.errno is not None and strerror == os.strerror(self.errno):
+            strerror = ""  # the errno already says it
+        self.detail = detail or strerror or (str(error) if error is not None and self.errno is None else "")
+        super().__init__(step)
+
+    def to_message(self) -> dict[str, object]:
+        return {"step": self.step, "errno": self.errno, "path": str(self.path), "detail": self.detail}
+
+
+class _Step:
+    """`with _Step("mount /proc", path):` turns any OSError inside into a StepError for that step."""
+
+    def __init__(self, name: str, path: str = "") -> None:
+        self.name, self.path = name, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> bool:
+        if isinstance(error, OSError):
+            raise StepError(self.name, error, self.path or (error.filename or "")) from None
+        return False
+
+
+# --- inside the new process -----------------------------------------------------------------------
+
+
+def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+    """In the first child, still in the host's namespaces: cgroup, namespaces, then fork pid 1."""
+    os.setsid()
+    for procs in plan["cgroup_procs"]:
+        with _Step("join cgroup", procs):
+            linux.write_file(procs, "0")
+    if plan["join_netns"]:
+        with _Step("join network namespace", plan["join_netns"]):
+            linux.setns_path(plan["join_netns"], linux.CLONE_NEWNET)
+    flags = 0
+    for name in plan["namespaces"]:
+        flags |= _NAMESPACE_FLAGS[name]
+    with _Step("unshare"):
+        linux.unshare(flags)
+    pid = os.fork()
+    if pid:
+        os.write(status_fd, json.dumps({"pid": pid}).encode() + b"\n")
+        os._exit(0)
+    _stage_two(plan, stdout_fd, stderr_fd)
+
+
+def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
+    """Pid 1 of the new pid namespace: build the root, confine, exec. Never returns."""
+    with _Step("make mounts private", "/"):
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    root = plan["rootfs_mountpoint"]
+    _mount_rootfs(plan, root)
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for mount in plan["mounts"]:
+        _mount_one(root_fd, root, mount)
+    for path in plan["masked_paths"]:
+        _mask(root_fd, path)
+    os.close(root_fd)
+    with _Step("pivot_root", root):
+        os.chdir(root)
+        linux.pivot_root(".", ".")
+        linux.umount2(".", linux.MNT_DETACH)
+        os.chdir("/")
+    with _Step("sethostname"):
+        linux.sethostname(plan["hostname"])
+    for key, value in plan["sysctls"]:
+        with _Step(f"sysctl {key.replace('/', '.')}", "/proc/sys/" + key):
+            linux.write_file("/proc/sys/" + key, value)
+    for path in plan["readonly_paths"]:
+        _remount_readonly(path, recursive=True)
+    if plan["rootfs_upper"] is None:
+        _remount_readonly("/", recursive=False)
+    for number, soft, hard in plan["rlimits"]:
+        with _Step("setrlimit", str(number)):
+            inf = resource.RLIM_INFINITY
+            resource.setrlimit(number, (inf if soft == -1 else soft, inf if hard == -1 else hard))
+    uid, gid, groups, home = _resolve_user(plan["user"], plan["group"])
+    env = dict(plan["env"])
+    env.setdefault("HOME", home)
+    _set_stdio(stdout_fd, stderr_fd)
+    workdir = plan["working_dir"]
+    with _Step("chdir", workdir):
+        if not os.path.isdir(workdir) and plan["rootfs_upper"] is not None:
+            os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+        if not os.getcwd().startswith("/"):  # "(unreachable)/...": outside the root (CVE-2024-21626)
+            raise StepError("chdir", None, workdir, "the working directory resolves outside the root")
+    with _Step("switch user", str(plan["user"])):
+        linux.set_keepcaps(True)
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    with _Step("capabilities"):
+        if uid == 0:
+            caps.apply_capabilities(plan["capabilities"], ambient=False)
+        else:
+            # Docker: a non-root user has no capabilities; stackd also keeps what cap_add asked for.
+            caps.apply_capabilities(plan["ambient_capabilities"], ambient=True, bounding=plan["capabilities"])
+    if plan["no_new_privileges"]:
+        with _Step("no_new_privs"):
+            linux.set_no_new_privs()
+    argv = list(plan["argv"])
+    if plan["init"]:
+        argv = ["/dev/init", "-g", "--", *argv]
+    program = _find_program(argv[0], env.get("PATH", ""))
+    if plan["seccomp_bpf"]:
+        with _Step("seccomp"):
+            linux.load_seccomp_bpf(base64.b64decode(plan["seccomp_bpf"]))
+    with _Step("exec", argv[0]):
+        os.execve(program, argv, env)
+
+
+def _mount_rootfs(plan: dict, root: str) -> None:
+    lower, upper, work = plan["rootfs_lower"], plan["rootfs_upper"], plan["rootfs_work"]
+    with _Step("mount rootfs", root):
+        if upper is None:
+            # Read-only: a bind of the lower directory (not recursive: no host submounts), then ro.
+            linux.mount(lower[0], root, None, linux.MS_BIND)
+            linux.mount(None, root, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NODEV)
+        else:
+            data = f"lowerdir={':'.join(lower)},upperdir={upper},workdir={work}"
+            linux.mount("overlay", root, "overlay", linux.MS_NODEV, data)
+
+
+def _mount_one(root_fd: int, root: str, mount: dict) -> None:
+    target, fstype, source = mount["target"], mount["fstype"], mount["source"]
+    flags = 0
+    for name in mount["flags"]:
+        flags |= _MOUNT_FLAGS[name]
+    create = mount["create"]
+    if create == "auto":
+        create = "dir" if os.path.isdir(source) else "file"
+    with _Step(f"mount {target}", target):
+        fd = open_in_root(root_fd, target, create=create)
+        if fd is None:
+            return
+        where = f"/proc/self/fd/{fd}"
+        try:
+            if fstype == "bind":
+                linux.mount(source, where, None, linux.MS_BIND | (flags & linux.MS_REC))
+                remount = flags & ~linux.MS_REC
+                if remount:
+                    # The fd still names what lies under the new mount: reopen to reach the mount itself.
+                    top = open_in_root(root_fd, target)
+                    assert top is not None
+                    try:
+                        linux.mount(None, f"/proc/self/fd/{top}", None, linux.MS_BIND | linux.MS_REMOUNT | remount)
+                    finally:
+                        os.close(top)
+            else:
+                linux.mount(source or fstype, where, fstype, flags, mount["data"] or None)
+        finally:
+            os.close(fd)
+    if target == "/dev/pts":
+        _dev_links(root_fd)
+
+
+def _dev_links(root_fd: int) -> None:
+    """/dev/ptmx and the stdio links, as every container runtime makes them."""
+    dev = open_in_root(root_fd, "/dev")
+    assert dev is not None
+    try:
+        for name, target in (
+            ("ptmx", "pts/ptmx"),
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
+            with _Step(f"symlink /dev/{name}"):
+                os.symlink(target, name, dir_fd=dev)
+    finally:
+        os.close(dev)
+
+
+def _mask(root_fd: int, path: str) -> None:
+    with _Step(f"mask {path}", path):
+        fd = open_in_root(root_fd, path)
+        if fd is None:
+            return
+        try:
+            where = f"/proc/self/fd/{fd}"
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                linux.mount("tmpfs", where, "tmpfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV, "size=0")
+            else:
+                linux.mount("/dev/null", where, None, linux.MS_BIND)
+        finally:
+            os.close(fd)
+
+
+def _remount_readonly(path: str, *, recursive: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    with _Step(f"read-only {path}", path):
+        rec = linux.MS_REC if recursive else 0
+        if path != "/":
+            linux.mount(path, path, None, linux.MS_BIND | rec)
+        keep = os.statvfs(path).f_flag & (linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | rec | keep)
+
+
+def _resolve_user(user: str | int | None, group: str | int | None) -> tuple[int, int, list[int], str]:
+    """uid, gid, supplementary groups and home, read from the service's own /etc/passwd and /etc/group."""
+    if user is None:
+        user = 0
+    passwd = _read_db("/etc/passwd")
+    entry = None
+    if isinstance(user, int) or str(user).isdigit():
+        uid = int(user)
+        entry = next((e for e in passwd if e[2].isdigit() and int(e[2]) == uid), None)
+    else:
+        entry = next((e for e in passwd if e[0] == user), None)
+        if entry is None:
+            raise StepError("resolve user", None, "/etc/passwd", f'no user "{user}" in the service\'s /etc/passwd')
+        uid = int(entry[2])
+    gid = int(entry[3]) if entry else 0
+    home = entry[5] if entry and len(entry) > 5 and entry[5] else "/"
+    groups_db = _read_db("/etc/group")
+    if group is not None:
+        if isinstance(group, int) or str(group).isdigit():
+            gid = int(group)
+        else:
+            found = next((g for g in groups_db if g[0] == group), None)
+            if found is None:
+                raise StepError("resolve group", None, "/etc/group", f'no group "{group}" in the service\'s /etc/group')
+            gid = int(found[2])
+    name = entry[0] if entry else None
+    extra = [int(g[2]) for g in groups_db if name and len(g) > 3 and name in g[3].split(",") and g[2].isdigit()]
+    return uid, gid, sorted({gid, *extra}), home
+
+
+def _read_db(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return [line.rstrip("\n").split(":") for line in handle if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def _set_stdio(stdout_fd: int, stderr_fd: int) -> None:
+    with _Step("stdio"):
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        # Only 0-2 reach the service: every other fd is closed or close-on-exec (the status pipe).
+        linux.close_range(3, flags=linux.CLOSE_RANGE_CLOEXEC)
+
+
+def _find_program(name: str, path: str) -> str:
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise StepError("exec", None, name, f"{name}: not found in PATH {path}")
+
+
+def _child(plan: dict, status_fd: int, fds: list[int]) -> None:
+    """Run both stages; on any failure report it through the status pipe and exit 127."""
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        _stage_one(plan, status_fd, fds[0], fds[1])
+    except StepError as error:
+        message = error.to_message()
+    except BaseException as error:  # whatever happens, the caller must hear of it
+        message = StepError("launch", error if isinstance(error, OSError) else None, "", repr(error)).to_message()
+    try:
+        os.write(status_fd, json.dumps(message).encode() + b"\n")
+    finally:
+        os._exit(127)
+
+
+# --- the launcher's own loop ----------------------------------------------------------------------
+
+
+class Launcher:
+    """The event loop: requests on the control socket, launch status pipes, and SIGCHLD."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.selector = selectors.DefaultSelector()
+        self.pending: dict[int, dict] = {}  # status pipe fd -> {"id", "pid", "buffer", "plan"}
+        self.first_children: set[int] = set()
+        self.launching: dict[int, int] = {}  # service pid -> status fd, until its launch is settled
+        self.held_exits: dict[int, int] = {}  # exits of pids whose launch is not settled yet
+        self.sigchld_r, sigchld_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sigchld_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        linux.set_child_subreaper(True)
+        self.selector.register(control, selectors.EVENT_READ, self._on_request)
+        self.selector.register(self.sigchld_r, selectors.EVENT_READ, self._on_sigchld)
+
+    def run(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.data(key.fileobj) is False:
+                    return
+
+    def send(self, message: dict) -> None:
+        try:
+            self.control.send(json.dumps(message).encode())
+        except OSError:
+            pass  # the supervisor is gone; services keep running
+
+    def _on_request(self, _: object) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, MAX_MESSAGE, 8)
+        except OSError:
+            return False
+        if not data:
+            return False
+        request = json.loads(data)
+        if request["op"] == "launch":
+            self._launch(request, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+            if request["op"] == "ping":
+                self.send({"op": "pong", "id": request.get("id")})
+        return True
+
+    def _launch(self, request: dict, fds: list[int]) -> None:
+        plan = request["plan"]
+        guard = _read_host_sysctls(plan)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(status_r)
+            _child(plan, status_w, fds)
+        os.close(status_w)
+        for fd in fds:
+            os.close(fd)
+        self.first_children.add(pid)
+        os.set_blocking(status_r, False)
+        self.pending[status_r] = {"id": request["id"], "pid": None, "buffer": b"", "guard": guard}
+        self.selector.register(status_r, selectors.EVENT_READ, self._on_status)
+
+    def _on_status(self, fd: int) -> bool:
+        state = self.pending[fd]
+        chunk = os.read(fd, 65536)
+        if chunk:
+            state["buffer"] += chunk
+            lines = state["buffer"].split(b"\n")
+            for line in lines[:-1]:
+                message = json.loads(line)
+                if "pid" in message:
+                    state["pid"] = message["pid"]
+                    self.launching[message["pid"]] = fd
+                else:
+                    state["error"] = message
+            state["buffer"] = lines[-1]
+            return True
+        # EOF: the service exec'd (the pipe is close-on-exec) or failed after reporting why.
+        self.selector.unregister(fd)
+        os.close(fd)
+        del self.pending[fd]
+        pid = state["pid"]
+        error = state.get("error")
+        if error is None and pid is None:
+            error = StepError("launch", None, "", "the launch process died before starting the service").to_message()
+        if error is None:
+            changed = _sysctl_guard(state["guard"])
+            if changed:
+                os.kill(pid, signal.SIGKILL)
+                error = StepError(
+                    "sysctl guard", None, changed, "the host's value changed: launch aborted"
+                ).to_message()
+        if pid is not None:
+            self.launching.pop(pid, None)
+        if error is not None:
+            self.send({"op": "failed", "id": state["id"], **error})
+            if pid is not None and pid in self.held_exits:
+                del self.held_exits[pid]
+            elif pid is not None:
+                self.held_exits[pid] = -1  # swallow its exit: the caller heard "failed"
+            return True
+        self.send({"op": "started", "id": state["id"], "pid": pid})
+        if pid in self.held_exits:
+            self._report_exit(pid, self.held_exits.pop(pid))
+        return True
+
+    def _on_sigchld(self, fd: int) -> bool:
+        try:
+            os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return True
+            if pid == 0:
+                return True
+            if pid in self.first_children:
+                self.first_children.discard(pid)
+            elif pid in self.launching:
+                self.held_exits[pid] = status
+            elif self.held_exits.get(pid) == -1:
+                del self.held_exits[pid]
+            else:
+                self._report_exit(pid, status)
+
+    def _report_exit(self, pid: int, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            self.send({"op": "exited", "pid": pid, "code": None, "signal": os.WTERMSIG(status)})
+        else:
+            self.send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status), "signal": None})
+
+
+def _read_host_sysctls(plan: dict) -> dict[str, str | None]:
+    """The host's values of the keys the service will set, to check afterwards that they held."""
+    values: dict[str, str | None] = {}
+    for key, _ in plan["sysctls"]:
+        try:
+            with open("/proc/sys/" + key) as handle:
+                values[key] = handle.read()
+        except OSError:
+            values[key] = None
+    return values
+
+
+def _sysctl_guard(before: dict[str, str | None]) -> str:
+    """The first key whose host value changed since the launch began, or ''."""
+    after = {key: None for key in before}
+    for key in before:
+        try:
+            with open("/proc/sys/" + key) as handle:
+                after[key] = handle.read()
+        except OSError:
+            after[key] = None
+        if after[key] != before[key]:
+            return "/proc/sys/" + key
+    return ""
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    Launcher(control).run()
+
+
+if __name__ == "__main__":
+    main()
