@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import glob
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stackd.errors import LaunchError
 from stackd.runtime.cgroups import CgroupDriver, CgroupLimits, ServiceCgroup, detect_driver, read_cgroup_mounts
+from stackd.runtime.launcher import Exit
 from stackd.runtime.paths import StackPaths
 from stackd.runtime.plan import LaunchPlan, Mount, build_plan, cgroup_view
 from stackd.spec.capabilities import effective_capabilities
 from stackd.spec.models import Service
+from stackd.spec.units import format_size
 
 __all__ = ["HostFacts", "Instance", "cgroup_limits", "find_init", "prepare"]
 
@@ -85,9 +88,26 @@ class Instance:
     cgroup: ServiceCgroup
     plan: LaunchPlan
     state_dir: Path = field(init=False)
+    oom_kills_at_start: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.state_dir = self.paths.service(self.service.name)
+
+    def mark_started(self) -> None:
+        """Remember the cgroup's OOM-kill count when a process starts, to tell OOM kills apart later."""
+        self.oom_kills_at_start = self.cgroup.oom_kill_count()
+
+    def exit_reason(self, exit: Exit) -> str:
+        """Why the process ended, as the supervisor reports it: "exited with code 1", "killed by
+        SIGTERM", or "OOM-killed at memory limit 32MiB" when the kernel's OOM killer did it."""
+        if exit.signal == signal.SIGKILL and self.cgroup.oom_kill_count() > self.oom_kills_at_start:
+            limit = self.service.mem_limit
+            return f"OOM-killed at memory limit {format_size(limit)}" if limit else "OOM-killed"
+        return str(exit)
+
+    def oom_killed(self, exit: Exit) -> bool:
+        """Whether the kernel's OOM killer ended this process (not some other SIGKILL)."""
+        return self.exit_reason(exit).startswith("OOM-killed")
 
     def dispose(self, *, keep_state: bool = False) -> None:
         """Kill whatever still runs in the cgroup, remove it, and (unless keep_state) the state dir."""
