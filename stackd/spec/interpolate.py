@@ -107,8 +107,8 @@ def parse_dotenv(text: str, env: Mapping[str, str] | None = None) -> dict[str, s
     """Parse a `.env` / `env_file`: `KEY=VALUE` lines, `export`, comments, quotes.
 
     Single-quoted values are literal; double-quoted and bare values are interpolated from `env` and the
-    keys defined above them. A bare `KEY` (no `=`) takes the value from `env` if it is set. Raises
-    Invalid with a 1-based line number in `subpath`.
+    keys defined above them, `env` first (as in Compose: the process environment wins). A bare `KEY`
+    (no `=`) takes the value from `env` if it is set. Raises Invalid with a 1-based line number in `subpath`.
     """
     known: dict[str, str] = dict(env or {})
     result: dict[str, str] = {}
@@ -140,7 +140,9 @@ def parse_dotenv(text: str, env: Mapping[str, str] | None = None) -> dict[str, s
             value = _dotenv_value(raw, known)
         except Invalid as error:
             raise Invalid(f"line {start_line}: {error.message}", (start_line,)) from None
-        result[key] = known[key] = value
+        result[key] = value
+        if env is None or key not in env:
+            known[key] = value
     return result
 
 

@@ -35,9 +35,9 @@ NETWORK_KEYS = ("subnet",)
 _UNSUPPORTED_TOP_LEVEL = {
     "volumes": "named volumes are not supported: bind directories with a service's volumes",
     "networks": "each stack has exactly one network: configure it under [network]",
-    "secrets": "not supported: use volumes with read-only files",
-    "configs": "not supported: use volumes with read-only files",
-    "include": "not supported: one stack, one file",
+    "secrets": "use volumes with read-only files",
+    "configs": "use volumes with read-only files",
+    "include": "one stack, one file",
 }
 _PRIVATE_V4 = [ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
 
@@ -91,7 +91,7 @@ def parse_stack(
     shown = str(file)
     try:
         document = tomllib.loads(source)
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:  # TOMLDecodeError, or an integer too long for int() (sys.int_info)
         line = _toml_error_line(str(error))
         raise StackFileError([Problem(shown, "", f"not valid TOML: {error}", line)]) from None
     base_dir = file.resolve().parent
@@ -99,9 +99,16 @@ def parse_stack(
     findings = Findings()
     ctx = Context(findings, base_dir, environment, host_cpus or os.cpu_count() or 1)
     document = _interpolate_all(document, ctx)
+    uninterpolated = [path for path, _ in findings.problems]  # these values stay as written, "${X:?...}"
+    first_parse_problem = len(findings.problems)
     stack = _build_stack(document, ctx, project, default_name=normalise_project_name(base_dir.name), file=file)
     lines = KeyLines(source)
-    found = [Problem(shown, format_path(path), message, lines.line_of(path)) for path, message in findings.problems]
+    reported = findings.problems[:first_parse_problem] + [
+        (path, message)
+        for path, message in findings.problems[first_parse_problem:]
+        if not any(path[: len(value)] == value for value in uninterpolated)  # parsing "${X:?...}" says nothing new
+    ]
+    found = [Problem(shown, format_path(path), message, lines.line_of(path)) for path, message in reported]
     problems += sorted(found, key=lambda problem: problem.line or 0)
     if problems or stack is None:
         raise StackFileError(problems or [Problem(shown, "", "invalid stack file")])
@@ -246,6 +253,7 @@ def _services(raw: object, ctx: Context) -> dict[str, Service] | None:
 
 def _check_dependencies(services: dict[str, Service], names: set[str], ctx: Context) -> None:
     edges: dict[str, list[str]] = {name: [] for name in services}
+    via: dict[tuple[str, str], str] = {}  # the key that makes each edge, to report a cycle where it starts
     for name, service in services.items():
         where = ctx.at("services", name)
         for target, dependency in service.depends_on.items():
@@ -256,6 +264,7 @@ def _check_dependencies(services: dict[str, Service], names: set[str], ctx: Cont
                     where.problem(f'unknown service "{target}"{did_you_mean(target, names)}', ("depends_on", target))
             elif target in services:
                 edges[name].append(target)
+                via[name, target] = "depends_on"
                 if dependency.condition == "service_healthy" and services[target].healthcheck is None:
                     where.problem(
                         f'condition "service_healthy" needs a healthcheck on {target}, which has none',
@@ -265,10 +274,12 @@ def _check_dependencies(services: dict[str, Service], names: set[str], ctx: Cont
             owner = service.network_mode.service or ""
             if owner not in names:
                 where.problem(f'unknown service "{owner}"{did_you_mean(owner, names)}', ("network_mode",))
-            elif owner != name and owner in services:
+            elif owner != name and owner in services and (name, owner) not in via:
                 edges[name].append(owner)
+                via[name, owner] = "network_mode"
     for cycle in _cycles(edges):
-        ctx.at("services", cycle[0]).problem("dependency cycle: " + " -> ".join(cycle), ("depends_on",))
+        key = via[cycle[0], cycle[1]]
+        ctx.at("services", cycle[0]).problem("dependency cycle: " + " -> ".join(cycle), (key,))
 
 
 def _cycles(edges: dict[str, list[str]]) -> list[list[str]]:

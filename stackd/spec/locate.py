@@ -61,22 +61,26 @@ class KeyLines:
                     base = tuple(parsed[0])
                     counts[base] = counts.get(base, -1) + 1
                     table = (*base, counts[base])
-                    self._lines.setdefault(base, number)
+                    self._define(base, number)
                     self._lines[table] = number
                 continue
             if stripped.startswith("["):
                 parsed = _read_key(stripped, 1)
                 if parsed:
                     table = tuple(parsed[0])
-                    self._lines.setdefault(table, number)
+                    self._define(table, number)
                 continue
             parsed = _read_key(stripped, 0)
             if parsed and parsed[1] < len(stripped) and stripped[parsed[1]] == "=":
-                key = (*table, *parsed[0])
-                self._lines.setdefault(key, number)
+                self._define((*table, *parsed[0]), number)
                 for quote in ('"""', "'''"):
                     if stripped.count(quote) % 2 == 1:
                         in_multiline = quote
+
+    def _define(self, key: tuple[str | int, ...], number: int) -> None:
+        """Record the first line of `key` and of every table it implies ([a.b] defines a, too)."""
+        for end in range(1, len(key) + 1):
+            self._lines.setdefault(key[:end], number)
 
     def line_of(self, path: KeyPath) -> int | None:
         """The line of the longest known prefix of `path`, or None."""

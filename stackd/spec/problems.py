@@ -23,12 +23,21 @@ def format_path(path: KeyPath) -> str:
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part and all(c.isalnum() or c in "_-" for c in part):
+        elif part and all(c.isascii() and (c.isalnum() or c in "_-") for c in part):  # a TOML bare key
             out += f".{part}" if out else part
         else:
-            quoted = '"' + part.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            quoted = quote(part)
             out += f".{quoted}" if out else quoted
     return out
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def quote(text: str) -> str:
+    """`text` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    out = "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text)
+    return f'"{out}"'
 
 
 def show(value: object) -> str:
@@ -36,8 +45,7 @@ def show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = value if len(value) <= 60 else value[:57] + "..."
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return quote(value if len(value) <= 60 else value[:57] + "...")
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

@@ -70,7 +70,11 @@ def _service_schema() -> dict[str, Any]:
             "description": "The program and its arguments (a string is split like a shell).",
         },
         "entrypoint": {**_ARGV, "description": "Prepended to command, as in Docker."},
-        "environment": {**_KEY_VALUES, "description": 'Variables: a table, or ["KEY=VALUE", "KEY"].'},
+        "environment": {
+            # A bare "KEY" in the array takes the variable from the environment stackd runs in.
+            "oneOf": [_KEY_VALUES["oneOf"][0], {"type": "array", "items": {"type": "string", "minLength": 1}}],
+            "description": 'Variables: a table, or ["KEY=VALUE", "KEY"].',
+        },
         "env_file": {
             "oneOf": [
                 {"type": "string"},
@@ -133,8 +137,10 @@ def _service_schema() -> dict[str, Any]:
         },
         "read_only": {"type": "boolean", "description": "No writable layer over the rootfs."},
         "restart": {
-            "type": "string",
-            "pattern": "^(no|always|unless-stopped|on-failure(:[0-9]+)?)$",
+            "oneOf": [
+                {"type": "string", "pattern": "^(no|always|unless-stopped|on-failure(:[0-9]+)?)$"},
+                {"const": False},  # what YAML makes of Compose's `restart: no`
+            ],
             "description": '"no", "always", "on-failure[:N]" or "unless-stopped".',
         },
         "stop_signal": {

@@ -109,7 +109,7 @@ def _container_path(value: object, what: str = "a path") -> str:
         raise Invalid(f'{show(path)} is not an absolute path (write e.g. "/data")')
     if "\x00" in path or ".." in path.split("/"):
         raise Invalid(f'{show(path)} must not contain ".." or NUL characters')
-    normal = posixpath.normpath(path)
+    normal = "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
     if normal == "/":
         raise Invalid(f"{show(path)}: nothing can be mounted over the service's root")
     for forbidden in _FORBIDDEN_TARGETS:
@@ -119,7 +119,12 @@ def _container_path(value: object, what: str = "a path") -> str:
 
 
 def _host_path(value: str, ctx: Context) -> Path:
-    path = Path(value).expanduser()
+    if "\x00" in value:
+        raise Invalid(f"{show(value)}: a path cannot contain NUL characters")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~user" for a user that does not exist, or no home directory
+        raise Invalid(f"{show(value)}: cannot expand the ~ (no such user or home directory)") from None
     return path if path.is_absolute() else (ctx.base_dir / path).resolve()
 
 
@@ -189,6 +194,9 @@ def _env_files(value: object, ctx: Context) -> dict[str, str]:
         except OSError as error:
             inner.problem(f"cannot read {path}: {error.strerror}")
             continue
+        except UnicodeDecodeError:
+            inner.problem(f"cannot read {path}: it is not UTF-8 text")
+            continue
         try:
             merged.update(parse_dotenv(text, ctx.env))
         except Invalid as error:
@@ -204,7 +212,7 @@ def _user(value: object, ctx: Context) -> User:
     user, sep, group = text.partition(":")
     parsed: list[str | int] = []
     for part, what in ((user, "user"), (group, "group")):
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             number = int(part)
             if number > 0xFFFFFFFE:
                 raise Invalid(f"{part} is out of range for a {what} id (0 to 4294967294)")
@@ -361,7 +369,7 @@ def _duration(value: object, ctx: Context) -> float:
 def _cpus(value: object, ctx: Context) -> float:
     try:
         cpus = float(value) if isinstance(value, str) else float(_expect(value, (int, float), "a number"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise Invalid(f"{show(value)} is not a number of CPUs (e.g. 0.5 or 2)") from None
     if not 0 < cpus <= ctx.host_cpus:
         raise Invalid(
@@ -444,12 +452,13 @@ def _ulimits(value: object, ctx: Context) -> dict[str, Ulimit]:
     return result
 
 
-def _sysctls(value: object, ctx: Context) -> list[Sysctl]:
-    result: list[Sysctl] = []
+def _sysctls(value: object, ctx: Context) -> dict[str, Sysctl]:
+    """Keyed by the key as written, so later checks report it where the user wrote it."""
+    result: dict[str, Sysctl] = {}
     for key, val in _key_values(value, ctx, "KEY=VALUE").items():
         parts = ctx.at(key).attempt(normalise_sysctl_key, key)
         if parts is not None:
-            result.append(Sysctl(parts, val))
+            result[key] = Sysctl(parts, val)
     return result
 
 
@@ -471,7 +480,9 @@ def _security_opt(value: object, ctx: Context) -> SecurityOptions:
         if name == "no-new-privileges" and arg in ("", "true", "false"):
             options = SecurityOptions(arg != "false", options.seccomp)
         elif name == "seccomp" and arg:
-            seccomp: Any = arg if arg in ("unconfined", "default") else _host_path(arg, ctx)
+            seccomp: Any = arg if arg in ("unconfined", "default") else ctx.at(index).attempt(_host_path, arg, ctx)
+            if seccomp is None:
+                continue
             if isinstance(seccomp, Path) and not seccomp.is_file():
                 ctx.problem(f"seccomp profile {seccomp} does not exist", (index,))
                 continue
@@ -499,7 +510,7 @@ def _network_mode(value: object, ctx: Context) -> NetworkMode:
 
 _PORT = re.compile(
     r"^(?:(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<ip4>\d{1,3}(?:\.\d{1,3}){3})):)?"
-    r"(?:(?P<host>\d*(?:-\d+)?):)?(?P<container>\d+(?:-\d+)?)(?:/(?P<proto>[a-z]+))?$"
+    r"(?:(?P<host>(?:\d+(?:-\d+)?)?):)?(?P<container>\d+(?:-\d+)?)(?:/(?P<proto>[a-z]+))?$"
 )
 _PORT_HELP = '"8080:80", "127.0.0.1:5353:53/udp", "9000-9001:9000-9001", "80"'
 
@@ -717,19 +728,19 @@ UNSUPPORTED_SERVICE_KEYS: dict[str, str] = {
     "build": 'stackd builds no images: use rootfs = "DIR" with a root filesystem you built',
     "container_name": "names are derived from the project and the service; use hostname for the host name",
     "deploy": "use cpus, mem_limit, memswap_limit and pids_limit directly on the service",
-    "privileged": "not supported: grant what the service needs with cap_add and security_opt",
+    "privileged": "grant what the service needs with cap_add and security_opt",
     "networks": 'each stack has one network; use network_mode for "none", "host" or "service:NAME"',
     "links": "not needed: every service resolves every other service of its stack by name",
     "expose": "not needed: services reach every port of each other on the stack's network",
     "devices": "device nodes are not supported yet",
     "logging": "stackd keeps every service's log itself (see docs/stack-file.md)",
-    "secrets": "not supported: use volumes with read-only files",
-    "configs": "not supported: use volumes with read-only files",
-    "profiles": "not supported: name the services to start on the command line",
-    "extends": "not supported: write the service out in full",
-    "mem_reservation": "not supported: use mem_limit",
-    "cpu_shares": "not supported: use cpus",
-    "cpuset": "not supported: use cpus",
+    "secrets": "use volumes with read-only files",
+    "configs": "use volumes with read-only files",
+    "profiles": "name the services to start on the command line",
+    "extends": "write the service out in full",
+    "mem_reservation": "use mem_limit",
+    "cpu_shares": "use cpus",
+    "cpuset": "use cpus",
 }
 
 
@@ -781,8 +792,8 @@ def _check_service(name: str, raw: dict[str, Any], values: dict[str, Any], ctx: 
                 ("memswap_limit",),
             )
     mode: NetworkMode = values.get("network_mode") or NetworkMode()
-    for sysctl in values.get("sysctls", []):
-        ctx.at("sysctls", sysctl.key).attempt(check_sysctl, sysctl.parts, str(mode))
+    for key, sysctl in values.get("sysctls", {}).items():
+        ctx.at("sysctls", key).attempt(check_sysctl, sysctl.parts, str(mode))
     if values.get("ports") and mode.kind != "bridge":
         target = f" (publish them on service {mode.service})" if mode.service else ""
         ctx.problem(f'ports can be published only with network_mode = "bridge", not "{mode}"{target}', ("ports",))
@@ -795,6 +806,9 @@ def _check_service(name: str, raw: dict[str, Any], values: dict[str, Any], ctx: 
         ctx.problem("ALL cannot be both added and dropped", ("cap_drop",))
     seen: dict[str, str] = {}
     for key in ("volumes", "tmpfs"):
+        written = raw.get(key)
+        if len(values.get(key, [])) != (len(written) if isinstance(written, list) else 1):
+            continue  # an entry is invalid (and reported): the indices of the others would be wrong
         for index, mount in enumerate(values.get(key, [])):
             if mount.target in seen:
                 ctx.problem(f"{mount.target} is already the target of {seen[mount.target]}", (key, index))
@@ -814,7 +828,7 @@ def _build_service(name: str, values: dict[str, Any]) -> Service:
         tmpfs=tuple(tmpfs),
         hostname=values.pop("hostname", None) or default_hostname(name),
         ulimits=frozen_map(values.pop("ulimits", {})),  # type: ignore[arg-type]
-        sysctls=tuple(values.pop("sysctls", ())),
+        sysctls=tuple(values.pop("sysctls", {}).values()),
         cap_add=tuple(values.pop("cap_add", ())),
         cap_drop=tuple(values.pop("cap_drop", ())),
         ports=tuple(values.pop("ports", ())),

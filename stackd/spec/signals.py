@@ -22,7 +22,7 @@ def normalise_signal(value: object) -> str:
     if not isinstance(value, str):
         raise Invalid(f"{show(value)} is not a signal (e.g. {_EXAMPLES})")
     name = value.strip().upper()
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         return normalise_signal(int(name))
     if not name.startswith("SIG"):
         name = "SIG" + name

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from stackd.spec.problems import Invalid
+from stackd.spec.problems import Invalid, show
 
 __all__ = ["IPC_SYSCTLS", "check_sysctl", "normalise_sysctl_key"]
 
@@ -29,10 +29,10 @@ def normalise_sysctl_key(key: str) -> tuple[str, ...]:
     With slashes, dots are part of a component (sysctl(8)'s rule), so VLAN interfaces can be named.
     """
     if _CONTROL.search(key) or " " in key:
-        raise Invalid(f'"{key}" is not a sysctl name: it contains spaces or control characters')
+        raise Invalid(f"{show(key)} is not a sysctl name: it contains spaces or control characters")
     parts = tuple(key.split("/")) if "/" in key else tuple(key.split("."))
     if not key or any(part in ("", ".", "..") for part in parts):
-        raise Invalid(f'"{key}" is not a sysctl name: empty parts or ".." are not allowed')
+        raise Invalid(f'{show(key)} is not a sysctl name: empty parts or ".." are not allowed')
     return parts
 
 

@@ -7,7 +7,7 @@ import re
 
 from stackd.spec.problems import Invalid, show
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+__all__ = ["MAX_DURATION", "format_duration", "format_size", "parse_duration", "parse_size"]
 
 # Docker (go-units RAMInBytes) treats every unit as binary: "1g", "1gb" and "1GiB" are all 2**30.
 _SIZE_UNITS = {
@@ -34,7 +34,10 @@ def parse_size(value: object) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise Invalid(f"{show(value)} is not a size ({SIZE_HINT})")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    size = float(number) * _SIZE_UNITS[unit.lower()]
+    if not math.isfinite(size):
+        raise Invalid(f"{show(value)} is too large to be a size")
+    return int(size)
 
 
 def format_size(size: int) -> int | str:
@@ -63,16 +66,29 @@ _DURATION_UNITS = {
 }
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 DURATION_HINT = 'use e.g. "1.5s", "2m30s", "500ms" or a number of seconds'
+MAX_DURATION = 2562047 * 3600.0  # 2562047h: Go's time.Duration (int64 nanoseconds) holds a little more
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number of seconds or a Go duration string ("1.5s", "2m30s", "1h", "250ms")."""
+    """Seconds from a number of seconds or a Go duration string ("1.5s", "2m30s", "1h", "250ms").
+
+    Rounded to whole nanoseconds and at most Go's longest duration, as Compose has them, so that
+    format_duration writes back exactly the same number.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise Invalid(f"{show(value)} is not a duration ({DURATION_HINT})")
     if isinstance(value, int | float):
-        if value < 0 or math.isnan(value) or math.isinf(value):
+        if not value >= 0:  # negative, or NaN
             raise Invalid(f"{show(value)} is not a duration: durations are finite and not negative")
-        return float(value)
+        seconds = float(value) if value <= MAX_DURATION else math.inf
+    else:
+        seconds = _parse_duration_text(value)
+    if seconds > MAX_DURATION:
+        raise Invalid(f"{show(value)} is too long for a duration (at most {format_duration(MAX_DURATION)})")
+    return round(seconds, 9)
+
+
+def _parse_duration_text(value: str) -> float:
     text = value.strip()
     if text == "0":
         return 0.0
