@@ -11,6 +11,7 @@ from typing import Any
 import tomli_w
 
 from stackd.spec import find_stack_file, load_stack, stack_to_dict
+from stackd.spec.graph import with_dependencies
 from stackd.spec.schema import stack_schema
 
 
@@ -25,7 +26,9 @@ def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
     config.add_argument("--format", choices=("toml", "json"), default="toml", help="output format (default: toml)")
     config.add_argument("--services", action="store_true", help="print only the service names, one per line")
     config.add_argument("-q", "--quiet", action="store_true", help="only validate; print nothing")
-    config.add_argument("service", nargs="*", metavar="SERVICE", help="print only these services")
+    config.add_argument(
+        "service", nargs="*", metavar="SERVICE", help="print only these services and their dependencies"
+    )
     config.set_defaults(run=run_config)
 
     schema = verbs.add_parser(
@@ -55,9 +58,12 @@ def run_config(args: argparse.Namespace) -> int:
     if args.quiet:
         return 0
     if args.services:
-        print("\n".join(name for name in stack.services if not args.service or name in args.service))
+        names = with_dependencies(stack, args.service) if args.service else list(stack.services)
+        print("\n".join(names))
         return 0
-    document = stack_to_dict(stack, args.service or None)
+    # Like Compose, the services named come with everything they depend on, so the output stays valid.
+    selected = with_dependencies(stack, args.service) if args.service else None
+    document = stack_to_dict(stack, selected)
     if args.format == "json":
         print(json.dumps(document, indent=2))
     else:

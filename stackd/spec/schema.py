@@ -152,18 +152,19 @@ def _service_schema() -> dict[str, Any]:
         "cpus": {"type": ["number", "string"], "description": "CPU quota, in CPUs (0.5 = half of one)."},
         "mem_limit": {**_SIZE, "description": "Memory limit (at least 6MiB)."},
         "memswap_limit": {
-            "oneOf": [*_SIZE["oneOf"], {"const": -1}],
+            "oneOf": [*_SIZE["oneOf"], {"const": -1}, {"const": "-1"}],
             "description": "Memory plus swap; -1 for unlimited swap.",
         },
         "pids_limit": {
-            "type": "integer",
-            "minimum": -1,
-            "not": {"const": 0},
+            "oneOf": [
+                {"type": "integer", "minimum": -1, "not": {"const": 0}},
+                {"type": "string", "pattern": r"^\s*(-1|[1-9][0-9]*)\s*$"},
+            ],
             "description": "Max processes.",
         },
         "ulimits": {
             "type": "object",
-            "propertyNames": {"enum": _ULIMIT_NAMES},
+            "propertyNames": {"enum": list(_ULIMIT_NAMES)},
             "additionalProperties": {
                 "oneOf": [
                     _RLIMIT,
@@ -180,8 +181,14 @@ def _service_schema() -> dict[str, Any]:
             **_KEY_VALUES,
             "description": "Namespaced sysctls only (net.*, IPC keys, kernel.domainname).",
         },
-        "cap_add": {**_STRING_LIST, "description": 'Capabilities to add ("NET_ADMIN", or "ALL").'},
-        "cap_drop": {**_STRING_LIST, "description": 'Capabilities to drop ("NET_RAW", or "ALL").'},
+        "cap_add": {
+            "oneOf": [{"type": "string"}, _STRING_LIST],
+            "description": 'Capabilities to add ("NET_ADMIN", or "ALL").',
+        },
+        "cap_drop": {
+            "oneOf": [{"type": "string"}, _STRING_LIST],
+            "description": 'Capabilities to drop ("NET_RAW", or "ALL").',
+        },
         "security_opt": {
             **_STRING_LIST,
             "description": '"no-new-privileges[:true|false]", "seccomp=unconfined|default|PATH".',

@@ -118,6 +118,26 @@ def _container_path(value: object, what: str = "a path") -> str:
     return normal
 
 
+def _working_dir(value: object) -> str:
+    """An absolute directory inside the service; not under /proc (the CVE-2024-21626 trick)."""
+    if value == "/":
+        return "/"
+    path = _at_root_or_below(value)
+    for forbidden in _FORBIDDEN_TARGETS:
+        if path == forbidden or path.startswith(forbidden + "/"):
+            raise Invalid(f"{show(value)} is under {forbidden}: a working directory there can lead outside the root")
+    return path
+
+
+def _at_root_or_below(value: object) -> str:
+    path = cast(str, _expect(value, str, "an absolute path"))
+    if not path.startswith("/"):
+        raise Invalid(f'{show(path)} is not an absolute path (write e.g. "/srv")')
+    if "\x00" in path or ".." in path.split("/"):
+        raise Invalid(f'{show(path)} must not contain ".." or NUL characters')
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 def _host_path(value: str, ctx: Context) -> Path:
     if "\x00" in value:
         raise Invalid(f"{show(value)}: a path cannot contain NUL characters")
@@ -291,6 +311,12 @@ def _volume_table(table: dict[str, Any], ctx: Context) -> Volume | Tmpfs:
     read_only = _at(lambda: _boolean(table.get("read_only", False), ctx), "read_only")
     if kind == "tmpfs":
         options = _at(lambda: _expect(table.get("tmpfs", {}), dict, "a table"), "tmpfs")
+        for key in options:
+            if key not in ("size", "mode"):
+                raise Invalid(
+                    f'unknown key "{key}"{did_you_mean(key, ("size", "mode"))} (allowed: "size", "mode")',
+                    ("tmpfs", key),
+                )
         size = _at(lambda: parse_size(options["size"]), "tmpfs", "size") if "size" in options else None
         mode = _at(lambda: _mode(options["mode"]), "tmpfs", "mode") if "mode" in options else None
         return Tmpfs(target, size, mode, ("ro",) if read_only else ())
@@ -311,9 +337,14 @@ _TMPFS_FLAGS = ("ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", 
 
 
 def _mode(value: object) -> int:
+    """A file mode: a TOML integer is the mode itself (write 0o1777), a string is octal ("1777")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 0o7777:
+            raise Invalid(f'{value} is not a file mode (write 0o1777 or "1777")')
+        return value
     text = str(value)
     if isinstance(value, bool) or not re.fullmatch(r"0?[0-7]{3,4}", text):
-        raise Invalid(f'{show(value)} is not a file mode (write octal, e.g. "1777" or "0755")')
+        raise Invalid(f'{show(value)} is not a file mode (write octal, e.g. "1777", "0755" or 0o755)')
     return int(text, 8)
 
 
@@ -542,6 +573,11 @@ def _port(value: object, ctx: Context) -> PortMapping:
     if protocol not in ("tcp", "udp"):
         raise Invalid(f'{show(protocol)} is not a protocol (allowed: "tcp", "udp")')
     host_text = match.group("host")
+    if (match.group("ip4") or match.group("ip6")) and host_text is None:
+        raise Invalid(
+            f'{show(text)} is ambiguous: write "{host_ip}:HOST_PORT:{match.group("container")}", or '
+            f'"{host_ip}::{match.group("container")}" for any free host port'
+        )
     host = host_end = None
     if host_text:
         host, host_end = _port_range(host_text, "host port")
@@ -571,7 +607,13 @@ def _port_table(table: dict[str, Any]) -> PortMapping:
             raise Invalid(f'unknown key "{key}"{did_you_mean(key, _PORT_TABLE_KEYS)}', (key,))
     if "target" not in table:
         raise Invalid('a port table needs a "target"')
-    host_ip = str(table.get("host_ip", "127.0.0.1"))
+    host_ip = table.get("host_ip", "127.0.0.1")
+    if not isinstance(host_ip, str):
+        raise Invalid(f"expected an IP address, got {type_name(host_ip)}", ("host_ip",))
+    try:
+        _check_ip(host_ip)
+    except Invalid as error:
+        raise Invalid(error.message, ("host_ip",)) from None
     published = table.get("published")
     text = f"{published!s}:" if published is not None else ":"
     bracketed = f"[{host_ip}]" if ":" in host_ip else host_ip
@@ -659,6 +701,8 @@ def _healthcheck(value: object, ctx: Context) -> Healthcheck | None:
 
 def _health_test(value: object, ctx: Context) -> tuple[tuple[str, ...], bool] | None:
     if isinstance(value, str):
+        if not value.strip():
+            raise Invalid("must not be empty")
         return ("/bin/sh", "-c", value), True
     items = ctx.each(_expect(value, list, 'a string or ["CMD", ...] / ["CMD-SHELL", "..."]'), _string)
     if not items:
@@ -668,6 +712,8 @@ def _health_test(value: object, ctx: Context) -> tuple[tuple[str, ...], bool] | 
     if items[0] == "CMD-SHELL":
         if len(items) != 2:
             raise Invalid('["CMD-SHELL", "..."] takes exactly one command string')
+        if not items[1].strip():
+            raise Invalid("the CMD-SHELL command must not be empty")
         return ("/bin/sh", "-c", items[1]), True
     argv = items[1:] if items[0] == "CMD" else items
     if not argv:
@@ -695,7 +741,7 @@ SERVICE_KEYS: dict[str, Key] = {
     "entrypoint": Key(_argv, "entrypoint"),
     "environment": Key(_environment, "environment"),
     "env_file": Key(_env_files, "env_file"),
-    "working_dir": Key(lambda v, c: _container_path(v, "an absolute path"), "working_dir"),
+    "working_dir": Key(lambda v, c: _working_dir(v), "working_dir"),
     "user": Key(_user, "user"),
     "hostname": Key(_hostname, "hostname"),
     "rootfs": Key(_rootfs, "rootfs"),
@@ -766,7 +812,8 @@ def parse_service(name: str, raw: object, ctx: Context) -> Service | None:
                 inner.problem(f"not supported: {UNSUPPORTED_SERVICE_KEYS[key]}")
             else:
                 allowed = sorted(SERVICE_KEYS)
-                inner.problem(f'unknown key "{key}"{did_you_mean(key, allowed)}; see docs/stack-file.md for the keys')
+                hint = did_you_mean(key, [*allowed, *UNSUPPORTED_SERVICE_KEYS])
+                inner.problem(f'unknown key "{key}"{hint}; see docs/stack-file.md for the keys')
             continue
         parsed = inner.attempt(spec.parse, value, inner)
         if parsed is not None or key == "healthcheck":

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from stackd import __version__
 from stackd.cli.main import build_parser
@@ -96,8 +97,12 @@ def test_config_some_services(project: Path) -> None:
     result = run("config", "--format", "json", "web", cwd=project)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
-    assert list(document["services"]) == ["web"]
+    # Like Compose, a named service comes with what it depends on, so the output is a valid stack file.
+    assert list(document["services"]) == ["db", "web"]
     assert document["name"] == "demo"
+    reloaded = project / "selected.toml"
+    reloaded.write_text(tomli_w.dumps(document))
+    assert list(load_stack(reloaded, env={}).services) == ["db", "web"]
 
 
 def test_config_an_unknown_service(project: Path) -> None:
