@@ -17,6 +17,7 @@ kills them through their cgroups).
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import resource
@@ -137,7 +138,11 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
     for number, soft, hard in plan["rlimits"]:
         with _Step("setrlimit", str(number)):
             inf = resource.RLIM_INFINITY
-            resource.setrlimit(number, (inf if soft == -1 else soft, inf if hard == -1 else hard))
+            try:
+                resource.setrlimit(number, (inf if soft == -1 else soft, inf if hard == -1 else hard))
+            except ValueError as error:  # Python's word for EPERM ("not allowed to raise") and EINVAL
+                code = errno.EPERM if "not allowed" in str(error) else errno.EINVAL
+                raise StepError("setrlimit", OSError(code, os.strerror(code)), str(number), str(error)) from None
     uid, gid, groups, home = _resolve_user(plan["user"], plan["group"])
     env = dict(plan["env"])
     env.setdefault("HOME", home)
@@ -147,8 +152,19 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
         if not os.path.isdir(workdir) and plan["rootfs_upper"] is not None:
             os.makedirs(workdir, exist_ok=True)
         os.chdir(workdir)
-        if not os.getcwd().startswith("/"):  # "(unreachable)/...": outside the root (CVE-2024-21626)
+        try:
+            cwd = os.getcwd()  # glibc: ENOENT for a directory outside the root; the kernel: "(unreachable)/..."
+        except FileNotFoundError:
+            cwd = ""
+        if not cwd.startswith("/"):  # CVE-2024-21626
             raise StepError("chdir", None, workdir, "the working directory resolves outside the root")
+    seccomp = base64.b64decode(plan["seccomp_bpf"]) if plan["seccomp_bpf"] else None
+    if seccomp and not plan["no_new_privileges"]:
+        # Without no_new_privs, loading a filter needs CAP_SYS_ADMIN, which the service may be about to
+        # lose: load it while we still hold it (runc does the same). The profile allows what follows.
+        with _Step("seccomp"):
+            linux.load_seccomp_bpf(seccomp)
+            seccomp = None
     with _Step("switch user", str(plan["user"])):
         linux.set_keepcaps(True)
         os.setgroups(groups)
@@ -167,9 +183,9 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
     if plan["init"]:
         argv = ["/dev/init", "-g", "--", *argv]
     program = _find_program(argv[0], env.get("PATH", ""))
-    if plan["seccomp_bpf"]:
+    if seccomp:
         with _Step("seccomp"):
-            linux.load_seccomp_bpf(base64.b64decode(plan["seccomp_bpf"]))
+            linux.load_seccomp_bpf(seccomp)
     with _Step("exec", argv[0]):
         os.execve(program, argv, env)
 
@@ -195,6 +211,13 @@ def _mount_one(root_fd: int, root: str, mount: dict) -> None:
     if create == "auto":
         create = "dir" if os.path.isdir(source) else "file"
     with _Step(f"mount {target}", target):
+        if fstype == "bind" and not os.path.exists(source):
+            raise StepError(
+                f"mount {target}",
+                FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)),
+                target,
+                f"the bind source {source} does not exist",
+            )
         fd = open_in_root(root_fd, target, create=create)
         if fd is None:
             return
@@ -261,6 +284,9 @@ def _remount_readonly(path: str, *, recursive: bool) -> None:
             linux.mount(path, path, None, linux.MS_BIND | rec)
         keep = os.statvfs(path).f_flag & (linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
         linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | rec | keep)
+        if recursive:
+            # A remount ignores MS_REC: only mount_setattr reaches the mounts below (/sys/fs/cgroup/*).
+            linux.make_readonly_recursive(path)
 
 
 def _resolve_user(user: str | int | None, group: str | int | None) -> tuple[int, int, list[int], str]:
@@ -294,11 +320,13 @@ def _resolve_user(user: str | int | None, group: str | int | None) -> tuple[int,
 
 
 def _read_db(path: str) -> list[list[str]]:
+    """The entries of a passwd or group file; lines with fewer than 4 fields (NIS "+@netgroup", junk) are skipped."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            return [line.rstrip("\n").split(":") for line in handle if line.strip() and not line.startswith("#")]
+            entries = [line.rstrip("\n").split(":") for line in handle if not line.startswith("#")]
     except OSError:
         return []
+    return [entry for entry in entries if len(entry) >= 4]
 
 
 def _set_stdio(stdout_fd: int, stderr_fd: int) -> None:
