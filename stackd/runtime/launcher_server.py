@@ -102,6 +102,11 @@ def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> No
         flags |= _NAMESPACE_FLAGS[name]
     with _Step("unshare"):
         linux.unshare(flags)
+    if plan["time_offsets"]:
+        # The offsets of a new time namespace must be written before any process enters it (the fork).
+        offsets = "".join(f"{clock} {secs} {nanos}\n" for clock, secs, nanos in plan["time_offsets"])
+        with _Step("time offsets", "/proc/self/timens_offsets"):
+            linux.write_file("/proc/self/timens_offsets", offsets)
     pid = os.fork()
     if pid:
         os.write(status_fd, json.dumps({"pid": pid}).encode() + b"\n")

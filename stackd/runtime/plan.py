@@ -125,6 +125,8 @@ class LaunchPlan:
     cgroup_procs: tuple[str, ...]
     #: Host path of an init binary to run as pid 1 (bound at /dev/init), or None.
     init: str | None = None
+    #: Written to /proc/self/timens_offsets of a new time namespace: ("monotonic", secs, nanosecs).
+    time_offsets: tuple[tuple[str, int, int], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
@@ -155,6 +157,8 @@ def build_plan(
     `extra_binds` are files stackd keeps for the service (/etc/hosts, /etc/resolv.conf, ...).
     """
     namespaces = ["mount", "uts", "ipc", "pid", "cgroup"]
+    if service.time_offsets:
+        namespaces.append("time")
     mode = service.network_mode.kind
     if mode in ("bridge", "none") and join_netns is None:
         namespaces.append("net")
@@ -212,7 +216,15 @@ def build_plan(
         seccomp_bpf=seccomp_bpf,
         cgroup_procs=tuple(str(path) for path in cgroup_procs),
         init=init_binary if service.init else None,
+        time_offsets=tuple(_split_seconds(clock, seconds) for clock, seconds in service.time_offsets.items()),
     )
+
+
+def _split_seconds(clock: str, seconds: float) -> tuple[str, int, int]:
+    """(clock, whole seconds, nanoseconds) as timens_offsets wants them (nanoseconds 0..999999999)."""
+    total = round(seconds * 1_000_000_000)
+    whole, nanos = divmod(total, 1_000_000_000)
+    return clock, whole, nanos
 
 
 def cgroup_view(mounts: CgroupMounts) -> tuple[Mount, ...]:

@@ -216,6 +216,8 @@ class Service:
     depends_on: Mapping[str, Dependency] = field(default_factory=frozen_map)  # type: ignore[arg-type]
     healthcheck: Healthcheck | None = None
     labels: Mapping[str, str] = field(default_factory=frozen_map)  # type: ignore[arg-type]
+    #: Clock offsets in seconds ("monotonic", "boottime"); a non-empty table gives a time namespace.
+    time_offsets: Mapping[str, float] = field(default_factory=frozen_map)  # type: ignore[arg-type]
 
     @property
     def argv(self) -> tuple[str, ...]:

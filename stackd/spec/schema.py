@@ -258,6 +258,12 @@ def _service_schema() -> dict[str, Any]:
             "additionalProperties": False,
         },
         "labels": _KEY_VALUES,
+        "time_offsets": {
+            "type": "object",
+            "properties": {"monotonic": {"type": ["string", "number"]}, "boottime": {"type": ["string", "number"]}},
+            "additionalProperties": False,
+            "description": "Offsets of the service's monotonic and boot-time clocks (a time namespace).",
+        },
     }
     return {
         "type": "object",

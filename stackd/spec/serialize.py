@@ -94,6 +94,11 @@ def _service(service: Service) -> dict[str, Any]:
         }
     if service.labels:
         out["labels"] = dict(service.labels)
+    if service.time_offsets:
+        out["time_offsets"] = {
+            clock: ("-" if seconds < 0 else "") + format_duration(abs(seconds))
+            for clock, seconds in service.time_offsets.items()
+        }
     return out
 
 

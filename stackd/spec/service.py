@@ -721,6 +721,26 @@ def _health_test(value: object, ctx: Context) -> tuple[tuple[str, ...], bool] | 
     return tuple(argv), False
 
 
+_CLOCKS = ("monotonic", "boottime")
+
+
+def _time_offsets(value: object, ctx: Context) -> dict[str, float]:
+    """Offsets of the service's CLOCK_MONOTONIC and CLOCK_BOOTTIME (a time namespace): durations, "-" allowed."""
+    offsets: dict[str, float] = {}
+    for clock, raw in _expect(value, dict, "a table { monotonic = DURATION, boottime = DURATION }").items():
+        if clock not in _CLOCKS:
+            ctx.problem(
+                f'"{clock}" is not a clock{did_you_mean(clock, _CLOCKS)} (allowed: {one_of(_CLOCKS)})', (clock,)
+            )
+            continue
+        negative = isinstance(raw, str) and raw.strip().startswith("-")
+        text = raw.strip()[1:] if negative else raw
+        seconds = ctx.at(clock).attempt(parse_duration, text)
+        if seconds is not None:
+            offsets[clock] = -seconds if negative else seconds
+    return offsets
+
+
 def _labels(value: object, ctx: Context) -> dict[str, str]:
     return _key_values(value, ctx, "KEY=VALUE")
 
@@ -766,6 +786,7 @@ SERVICE_KEYS: dict[str, Key] = {
     "depends_on": Key(_depends_on, "depends_on"),
     "healthcheck": Key(_healthcheck, "healthcheck"),
     "labels": Key(_labels, "labels"),
+    "time_offsets": Key(_time_offsets, "time_offsets"),
 }
 
 #: Compose keys a user may bring along, with what to do instead.
@@ -881,6 +902,7 @@ def _build_service(name: str, values: dict[str, Any]) -> Service:
         ports=tuple(values.pop("ports", ())),
         depends_on=frozen_map(values.pop("depends_on", {})),  # type: ignore[arg-type]
         labels=frozen_map(values.pop("labels", {})),  # type: ignore[arg-type]
+        time_offsets=frozen_map(values.pop("time_offsets", {})),  # type: ignore[arg-type]
         **values,
     )
 
