@@ -27,5 +27,9 @@ lint: setup
 	$(BIN)/ruff check stackd tests
 	$(BIN)/mypy stackd
 
+bench: setup
+	./scripts/install-bench-deps
+	$(BIN)/python benchmarks/launch.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from stackd.runtime.cgroups import CgroupDriver, CgroupLimits, ServiceCgroup, de
 from stackd.runtime.launcher import Exit
 from stackd.runtime.paths import StackPaths
 from stackd.runtime.plan import LaunchPlan, Mount, build_plan, cgroup_view
+from stackd.runtime.seccomp import compile_for_service
 from stackd.spec.capabilities import effective_capabilities
 from stackd.spec.models import Service
 from stackd.spec.units import format_size
@@ -53,7 +54,8 @@ class HostFacts:
     compile_seccomp: SeccompCompiler | None = None
 
     @classmethod
-    def gather(cls, *, compile_seccomp: SeccompCompiler | None = None) -> HostFacts:
+    def gather(cls, *, compile_seccomp: SeccompCompiler | None = compile_for_service) -> HostFacts:
+        """Look at this host once. `compile_seccomp=None` launches every service unconfined (tests)."""
         return cls(
             driver=detect_driver(),
             cgroup_mounts=cgroup_view(read_cgroup_mounts()),
