@@ -482,3 +482,18 @@ async def test_ulimit_above_the_hard_limit_fails_the_launch(tmp_path: Path, proj
 def test_host_facts_find_tini() -> None:
     """init = true needs a static init on the host (tests in test_launch_limits rely on it)."""
     assert facts().init_binary is not None
+
+
+async def test_time_offsets_shift_the_service_clocks_only(tmp_path: Path, project: str) -> None:
+    script = "read up idle < /proc/uptime; echo uptime $up; readlink /proc/self/ns/time"
+    toml = stack_toml(command=sh(script), time_offsets={"boottime": "240h", "monotonic": "-1m"})
+    host_before = float(Path("/proc/uptime").read_text().split()[0])
+    result = await run_service(toml, tmp_path=tmp_path, project=project)
+    host_after = float(Path("/proc/uptime").read_text().split()[0])
+    assert result.exit.code == 0, result.output
+    inside = float(next(line for line in result.lines if line.startswith("uptime ")).split()[1])
+    assert host_before + 240 * 3600 - 1 <= inside <= host_after + 240 * 3600 + 1
+    assert result.lines[-1] != os.readlink("/proc/self/ns/time")
+    # Without time_offsets, the host's time namespace and clocks.
+    plain = await run_service(stack_toml(command=sh(script)), tmp_path=tmp_path, project=project)
+    assert plain.lines[-1] == os.readlink("/proc/self/ns/time")
