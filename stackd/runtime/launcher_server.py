@@ -27,7 +27,7 @@ import socket
 import stat
 import sys
 
-from stackd._sys import caps, linux
+from stackd._sys import caps, linux, netdev
 from stackd._sys.inroot import open_in_root
 
 MAX_MESSAGE = 1 << 20
@@ -102,6 +102,9 @@ def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> No
         flags |= _NAMESPACE_FLAGS[name]
     with _Step("unshare"):
         linux.unshare(flags)
+    if "net" in plan["namespaces"]:
+        with _Step("loopback up", "lo"):
+            netdev.set_link_up("lo")
     if plan["time_offsets"]:
         # The offsets of a new time namespace must be written before any process enters it (the fork).
         offsets = "".join(f"{clock} {secs} {nanos}\n" for clock, secs, nanos in plan["time_offsets"])
