@@ -502,11 +502,11 @@ async def test_time_offsets_shift_the_service_clocks_only(tmp_path: Path, projec
 async def test_bridge_mode_gives_an_own_netns_with_only_lo_up(tmp_path: Path, project: str) -> None:
     # Until the network layer joins it to a bridge, a service's namespace holds only lo, and lo is up:
     # a non-root service binds port 80 on it (ip_unprivileged_port_start = 0) and connects to itself.
-    script = """
-        ls /sys/class/net
-        cat /sys/class/net/lo/flags
-        python3 -c 'import socket; s = socket.create_server(("127.0.0.1", 80)); c = socket.create_connection(("127.0.0.1", 80)); print("connected")'
-    """
+    connect = (
+        'import socket; s = socket.create_server(("127.0.0.1", 80)); '
+        'c = socket.create_connection(("127.0.0.1", 80)); print("connected")'
+    )
+    script = f"ls /sys/class/net; cat /sys/class/net/lo/flags; python3 -c '{connect}'"
     result = await run_service(stack_toml(command=sh(script), user="nobody"), tmp_path=tmp_path, project=project)
     assert result.exit.code == 0, result.output
     assert result.lines[0] == "lo" and len([line for line in result.lines if line == "lo"]) == 1
