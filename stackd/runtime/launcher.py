@@ -72,6 +72,9 @@ class Launcher:
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # Its own session: a Ctrl-C on the supervisor's terminal must not kill the launcher;
+                # the supervisor decides what stops, and in which order.
+                start_new_session=True,
             )
         finally:
             theirs.close()
@@ -124,7 +127,8 @@ class Launcher:
 
     async def _request(self, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         if self._closed:
-            raise LaunchError(str(message.get("plan", {}).get("service", "?")), "launcher", detail="launcher is gone")
+            service = str(message.get("plan", {}).get("service", "?"))
+            raise LaunchError(service, "launcher", detail="the launcher process died")
         request_id = next(self._ids)
         event, box = anyio.Event(), []
         self._replies[request_id] = (event, box)
@@ -135,6 +139,11 @@ class Launcher:
                 break
             except BlockingIOError:
                 await anyio.wait_writable(self._sock)
+            except OSError as error:  # EPIPE, ECONNRESET: the launcher died
+                self._replies.pop(request_id, None)
+                self._closed = True
+                service = str(message.get("plan", {}).get("service", "?"))
+                raise LaunchError(service, "launcher", errno=error.errno, detail="the launcher process died") from None
         await event.wait()
         return box[0]
 
@@ -145,6 +154,8 @@ class Launcher:
             except BlockingIOError:
                 await anyio.wait_readable(self._sock)
                 continue
+            except OSError:  # ECONNRESET and the like: the launcher died
+                data = b""
             if not data:
                 self._closed = True
                 for event, box in self._replies.values():
