@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
-import select
 import shutil
-import signal
-import time
 import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+from forkchild import CHILD_TIMEOUT, read_until_eof, run_in_child, write_all
 
 from stackd._sys import caps, linux
 
@@ -35,65 +32,10 @@ CAP_NET_BIND_SERVICE = 10
 NOBODY = 65534
 KEEP = [CAP_NET_BIND_SERVICE, CAP_CHOWN]
 KEEP_MASK = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_CHOWN)
-_CHILD_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _read_until_eof(fd: int, pid: int, timeout: float) -> bytes:
-    """Everything written to `fd` until EOF; kills `pid` (a child of ours) if that takes too long."""
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} did not finish within {timeout} s")
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def run_in_child(fn: Callable[[], T]) -> T:
-    """Run `fn` in a forked child and return its (picklable) result; re-raise its failure here."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 0
-        try:
-            os.close(read_end)
-            try:
-                payload = pickle.dumps(("ok", fn()))
-            except BaseException:
-                payload = pickle.dumps(("error", traceback.format_exc()))
-                code = 1
-            _write_all(write_end, payload)
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    try:
-        data = _read_until_eof(read_end, pid, _CHILD_TIMEOUT)
-    finally:
-        os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise AssertionError(f"child died without reporting (wait status {status:#x})")
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"the child failed:\n{value}")
-    assert os.waitstatus_to_exitcode(status) == 0
-    result: T = value
-    return result
 
 
 _CAT = shutil.which("cat") or "/bin/cat"
@@ -111,12 +53,12 @@ def status_after_exec(prepare: Callable[[], None]) -> dict[str, str]:
                 os.dup2(write_end, 1)
                 os.execv(_CAT, ["cat", "/proc/self/status"])
             except BaseException:
-                _write_all(write_end, b"CHILD-ERROR\n" + traceback.format_exc().encode())
+                write_all(write_end, b"CHILD-ERROR\n" + traceback.format_exc().encode())
         finally:
             os._exit(1)
     os.close(write_end)
     try:
-        out = _read_until_eof(read_end, pid, _CHILD_TIMEOUT).decode()
+        out = read_until_eof(read_end, pid, CHILD_TIMEOUT).decode()
     finally:
         os.close(read_end)
     _, status = os.waitpid(pid, 0)

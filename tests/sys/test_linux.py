@@ -12,20 +12,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import pickle
 import secrets
 import select
 import signal
 import socket
 import struct
 import subprocess
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from forkchild import CHILD_TIMEOUT, read_until_eof, run_in_child
 
 from stackd._sys import linux
 
@@ -36,67 +34,11 @@ pytestmark = [
 
 T = TypeVar("T")
 
-_CHILD_TIMEOUT = 30.0
 _GETPPID_NR = {"x86_64": 110, "aarch64": 173}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _read_until_eof(fd: int, pid: int, timeout: float) -> bytes:
-    """Everything written to `fd` until EOF; kills `pid` (a child of ours) if that takes too long."""
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        ready, _, _ = select.select([fd], [], [], max(left, 0))
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} did not finish within {timeout} s")
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def run_in_child(fn: Callable[[], T], timeout: float = _CHILD_TIMEOUT) -> T:
-    """Run `fn` in a forked child and return its (picklable) result; re-raise its failure here."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 0
-        try:
-            os.close(read_end)
-            try:
-                payload = pickle.dumps(("ok", fn()))
-            except BaseException:
-                payload = pickle.dumps(("error", traceback.format_exc()))
-                code = 1
-            _write_all(write_end, payload)
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    try:
-        data = _read_until_eof(read_end, pid, timeout)
-    finally:
-        os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if not data:
-        raise AssertionError(f"child died without reporting (wait status {status:#x})")
-    kind, value = pickle.loads(data)
-    if kind == "error":
-        raise AssertionError(f"the child failed:\n{value}")
-    assert os.waitstatus_to_exitcode(status) == 0
-    result: T = value
-    return result
 
 
 def _error_info(exc: OSError) -> tuple[int | None, str | None, str | None, str]:
@@ -531,7 +473,7 @@ def test_pdeathsig_kills_the_orphan() -> None:
             os._exit(code)
     os.close(write_end)
     try:
-        reply = _read_until_eof(read_end, a, _CHILD_TIMEOUT).decode()
+        reply = read_until_eof(read_end, a, CHILD_TIMEOUT).decode()
     finally:
         os.close(read_end)
     _, status = os.waitpid(a, 0)
