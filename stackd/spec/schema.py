@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stackd.spec.service import ULIMITS
+
 __all__ = ["SCHEMA_ID", "stack_schema"]
 
 SCHEMA_ID = "https://stackd.dev/schema/stack-file.json"
@@ -43,24 +45,6 @@ _CONDITION = {
     ],
 }  # fmt: skip
 _RLIMIT: dict[str, Any] = {"oneOf": [{"type": "integer", "minimum": -1}, {"const": "unlimited"}]}
-_ULIMIT_NAMES = (
-    "as",
-    "core",
-    "cpu",
-    "data",
-    "fsize",
-    "locks",
-    "memlock",
-    "msgqueue",
-    "nice",
-    "nofile",
-    "nproc",
-    "rss",
-    "rtprio",
-    "rttime",
-    "sigpending",
-    "stack",
-)
 
 
 def _service_schema() -> dict[str, Any]:
@@ -164,7 +148,7 @@ def _service_schema() -> dict[str, Any]:
         },
         "ulimits": {
             "type": "object",
-            "propertyNames": {"enum": list(_ULIMIT_NAMES)},
+            "propertyNames": {"enum": list(ULIMITS)},
             "additionalProperties": {
                 "oneOf": [
                     _RLIMIT,

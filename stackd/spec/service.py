@@ -429,7 +429,8 @@ def _pids(value: object, ctx: Context) -> int:
     return pids
 
 
-_ULIMITS = (
+#: The rlimit names `ulimits` accepts (Docker's, without the RLIMIT_ prefix).
+ULIMITS = (
     "as",
     "core",
     "cpu",
@@ -462,8 +463,8 @@ def _ulimits(value: object, ctx: Context) -> dict[str, Ulimit]:
     result: dict[str, Ulimit] = {}
     for name, raw in _expect(value, dict, "a table of limits").items():
         inner = ctx.at(name)
-        if name not in _ULIMITS:
-            inner.problem(f'"{name}" is not a ulimit{did_you_mean(name, _ULIMITS)} (allowed: {", ".join(_ULIMITS)})')
+        if name not in ULIMITS:
+            inner.problem(f'"{name}" is not a ulimit{did_you_mean(name, ULIMITS)} (allowed: {", ".join(ULIMITS)})')
             continue
         if isinstance(raw, dict):
             unknown = set(raw) - {"soft", "hard"}
