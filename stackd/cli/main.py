@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from stackd import __version__
-from stackd.cli import config_verbs
+from stackd.cli import config_verbs, stack_verbs
 from stackd.errors import StackdError
 
 EXIT_OK = 0
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stackd {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    stack_verbs.register(verbs, stack_options)
     config_verbs.register(verbs, stack_options)
     return parser
 

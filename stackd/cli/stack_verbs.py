@@ -1,0 +1,169 @@
+"""`stackd up` (foreground) and `stackd down`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from stackd.cli.config_verbs import stack_file
+from stackd.cli.events import configure_events, event_logger
+from stackd.cli.output import PrefixPrinter
+from stackd.errors import StackdError
+from stackd.runtime.paths import StackPaths
+from stackd.spec import load_stack
+from stackd.spec.project import validate_project_name
+from stackd.supervisor.stack import StackSupervisor
+from stackd.supervisor.state import StateRecord, remove_recorded
+
+
+def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
+    up = verbs.add_parser(
+        "up",
+        parents=[stack_options],
+        help="start the stack in the foreground",
+        description="Start the services (default: all) and what they depend on, in dependency order, and "
+        "stream their output. Ctrl-C or SIGTERM stops them in reverse order (a second Ctrl-C kills at once) "
+        "and removes everything of the stack.",
+    )
+    up.add_argument("service", nargs="*", metavar="SERVICE", help="start only these services (and their dependencies)")
+    up.add_argument("--no-log-prefix", action="store_true", help="print the services' lines without `name |`")
+    up.add_argument("--timestamps", action="store_true", help="prefix each line with the time it was read")
+    up.add_argument("--log-format", choices=("console", "json"), default="console", help="stackd's own events")
+    up.add_argument(
+        "-t",
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="grace period before SIGKILL when stopping (default: each service's stop_grace_period)",
+    )
+    up.set_defaults(run=run_up)
+
+    down = verbs.add_parser(
+        "down",
+        parents=[stack_options],
+        help="stop the stack and remove everything of it",
+        description="Stop the stack's services (through its supervisor if it runs, else through their cgroups) "
+        "and remove every host resource recorded for the project: also after a supervisor died by SIGKILL.",
+    )
+    down.add_argument(
+        "-t",
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="grace period before SIGKILL (default: each service's stop_grace_period)",
+    )
+    down.set_defaults(run=run_down)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    stack = load_stack(stack_file(args), project=args.project_name)
+    configure_events(args.log_format)
+    log = event_logger()
+    for warning in stack.warnings:
+        log.warning("stack file", warning=warning)
+    printer = PrefixPrinter(
+        list(stack.services), prefix=not args.no_log_prefix, timestamps=args.timestamps, stream=sys.stdout
+    )
+    return anyio.run(_up, stack, args, printer, log)
+
+
+async def _up(stack: Any, args: argparse.Namespace, printer: PrefixPrinter, log: Any) -> int:
+    def emit(event: str, service: str, **fields: Any) -> None:
+        log.info(event, service=service or None, **fields)
+
+    async with printer.running(), StackSupervisor.open(stack, emit=emit, output=printer) as supervisor:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as group:
+
+                async def run_until_done() -> None:
+                    await supervisor.up(args.service or None)
+                    group.cancel_scope.cancel()
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        log.info("stopping", project=stack.name, hint="press Ctrl-C again to kill at once")
+                        group.cancel_scope.cancel()
+                        return
+
+                group.start_soon(run_until_done)
+                group.start_soon(stop_on_signal)
+
+            async def kill_on_second_signal() -> None:
+                async for _ in signals:
+                    log.info("killing", project=stack.name)
+                    for runner in supervisor.runners.values():
+                        if runner.instance is not None:
+                            with contextlib.suppress(Exception):
+                                runner.instance.cgroup.kill()
+                    return
+
+            async with anyio.create_task_group() as stopping:
+                stopping.start_soon(kill_on_second_signal)
+                await supervisor.down(grace=args.timeout)
+                stopping.cancel_scope.cancel()
+    failed = [
+        r.name for r in supervisor.runners.values() if r.last_exit is not None and r.last_exit.code not in (0, None)
+    ]
+    return 1 if failed and not args.service else 0
+
+
+def _project_paths(args: argparse.Namespace) -> StackPaths:
+    if args.project_name:
+        from stackd.spec.problems import Invalid
+
+        try:
+            return StackPaths(validate_project_name(args.project_name))
+        except Invalid as error:
+            raise StackdError(f"-p: {error.message}") from None
+    return StackPaths(load_stack(stack_file(args)).name)
+
+
+def run_down(args: argparse.Namespace) -> int:
+    paths = _project_paths(args)
+    record = StateRecord.load(paths)
+    if record is None:
+        print(f"stackd: project {paths.project} is not up (nothing recorded in {paths.state})", file=sys.stderr)
+        return 0
+    if record.supervisor_alive() and record.supervisor_pid:
+        _stop_supervisor(record.supervisor_pid, args.timeout)
+        record = StateRecord.load(paths)
+        if record is None:
+            print(f"stopped {paths.project}")
+            return 0
+    problems = remove_recorded(record)
+    for problem in problems:
+        print(f"stackd: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"removed {paths.project}")
+    return 0
+
+
+def _stop_supervisor(pid: int, timeout: float | None) -> None:
+    """SIGTERM the supervisor and wait for it (through a pidfd), SIGKILL it if it does not finish."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + (timeout if timeout is not None else 10.0) + 5.0
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))
+            if ready:
+                return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], 5.0)
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,180 @@
+"""One service's life under the supervisor: start, watch, restart with backoff, stop.
+
+States: created -> starting -> running -> exited | restarting -> ... ; stop() leads to stopped.
+Each transition is reported through `emit(event, service, **fields)`; the runner's Events let the
+dependency walker wait for "started" and "completed successfully".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+
+from stackd.errors import LaunchError
+from stackd.runtime.instance import HostFacts, Instance, prepare
+from stackd.runtime.launcher import Exit, Launcher
+from stackd.runtime.paths import StackPaths
+from stackd.spec.models import Service
+from stackd.spec.signals import signal_number
+from stackd.supervisor.restart import Backoff, RestartState, should_restart
+from stackd.supervisor.state import StateRecord
+
+__all__ = ["OutputSink", "ServiceRunner"]
+
+Emit = Callable[..., None]
+
+
+class OutputSink(Protocol):
+    """Where a service's output goes: the supervisor's log router takes the read ends of its pipes."""
+
+    def attach(self, service: str, stream: str, fd: int) -> None: ...
+
+
+class ServiceRunner:
+    """Runs one service until it is stopped or its restart policy gives up."""
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        project: str,
+        paths: StackPaths,
+        facts: HostFacts,
+        launcher: Launcher,
+        record: StateRecord,
+        output: OutputSink,
+        emit: Emit,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.service = service
+        self.name = service.name
+        self._project, self._paths, self._facts = project, paths, facts
+        self._launcher, self._record, self._output, self._emit = launcher, record, output, emit
+        self.restart = RestartState(backoff or Backoff())
+        self.state = "created"
+        self.pid: int | None = None
+        self.last_exit: Exit | None = None
+        self.last_reason = ""
+        self.instance: Instance | None = None
+        self.started = anyio.Event()  # set at the first successful start
+        self.finished = anyio.Event()  # set when the runner will not start the service again
+        self._stop_requested = False
+        self._stop_event = anyio.Event()
+        self._started_at = 0.0
+
+    # -- the main loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start the service and keep it running as its restart policy says; return when done."""
+        try:
+            while not self._stop_requested:
+                try:
+                    await self._start_once()
+                except LaunchError as error:
+                    self.state = "exited"
+                    self.last_reason = str(error)
+                    self._emit("failed", self.name, error=str(error))
+                    return
+                exit = await self._launcher.wait(self.pid or 0)
+                self._exited(exit)
+                ran_for = time.monotonic() - self._started_at
+                self.restart.on_exit(ran_for)
+                if not should_restart(
+                    self.service.restart,
+                    code=exit.code,
+                    signal=exit.signal,
+                    restarts=self.restart.restarts,
+                    stopped_by_user=self._stop_requested,
+                ):
+                    return
+                delay = self.restart.next_delay()
+                self.state = "restarting"
+                self._emit("restarting", self.name, delay=round(delay, 3), restarts=self.restart.restarts)
+                with anyio.move_on_after(delay):
+                    await self._stop_event.wait()
+        finally:
+            process_gone = self.pid is None or self._launcher.exited(self.pid) is not None
+            if process_gone and self.state not in ("exited", "stopped"):
+                self.state = "stopped" if self._stop_requested else "exited"
+            self.finished.set()
+
+    async def _start_once(self) -> None:
+        self.state = "starting"
+        if self.instance is None:
+            cgroup_paths = [str(p) for p in self._facts.driver.service_paths(self._project, self.name)]
+            self._record.add("cgroup", self.name, paths=cgroup_paths)
+            self._record.add("dir", self.name, path=str(self._paths.service(self.name)))
+            self.instance = await anyio.to_thread.run_sync(self._prepare)
+        stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.instance.mark_started()
+            self.pid = await self._launcher.launch(self.instance.plan, stdout=stdout_w, stderr=stderr_w)
+        except BaseException:
+            os.close(stdout_r)
+            os.close(stderr_r)
+            raise
+        finally:
+            os.close(stdout_w)
+            os.close(stderr_w)
+        self._output.attach(self.name, "stdout", stdout_r)
+        self._output.attach(self.name, "stderr", stderr_r)
+        self._started_at = time.monotonic()
+        self.state = "running"
+        self._emit("started", self.name, pid=self.pid)
+        self.started.set()
+
+    def _prepare(self) -> Instance:
+        return prepare(self.service, project=self._project, paths=self._paths, facts=self._facts)
+
+    def _exited(self, exit: Exit) -> None:
+        if self.last_exit is not None and self.last_exit.pid == exit.pid:
+            return  # already reported (by run() or by stop(), whichever saw it first)
+        self.last_exit = exit
+        self.last_reason = self.instance.exit_reason(exit) if self.instance else str(exit)
+        self.state = "exited"
+        fields: dict[str, Any] = {"pid": exit.pid, "reason": self.last_reason}
+        if exit.code is not None:
+            fields["code"] = exit.code
+        if self.instance is not None and self.instance.oom_killed(exit):
+            self._emit("oom", self.name, limit=self.service.mem_limit)
+        self._emit("exited", self.name, **fields)
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop the service: its stop_signal, then SIGKILL to its whole cgroup after the grace period."""
+        self._stop_requested = True
+        self._stop_event.set()
+        grace = self.service.stop_grace_period if grace is None else grace
+        if self.state in ("running", "starting") and self.pid is not None and self.last_exit_pid != self.pid:
+            self.state = "stopping"
+            self._emit("stopping", self.name, signal=self.service.stop_signal, grace=grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal_number(self.service.stop_signal))
+            with anyio.move_on_after(grace):
+                await self._launcher.wait(self.pid)
+            if self._launcher.exited(self.pid) is None:
+                self._emit("killing", self.name, after=grace)
+        if self.instance is not None:
+            await anyio.to_thread.run_sync(self.instance.cgroup.kill)
+            if self.pid is not None:
+                self._exited(await self._launcher.wait(self.pid))
+        self.state = "stopped"
+
+    @property
+    def last_exit_pid(self) -> int | None:
+        return self.last_exit.pid if self.last_exit else None
+
+    async def remove(self) -> None:
+        """Remove the service's cgroup and state (after stop)."""
+        if self.instance is not None:
+            await anyio.to_thread.run_sync(self.instance.dispose)
+            self._record.discard("cgroup", self.name)
+            self._record.discard("dir", self.name)
+            self.instance = None

@@ -1,0 +1,146 @@
+"""A whole stack under the supervisor, on the real kernel: order, restarts, stop, cleanup."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from stackd.runtime.paths import StackPaths
+from stackd.spec import parse_stack
+from stackd.supervisor.restart import Backoff
+from stackd.supervisor.stack import StackSupervisor
+from stackd.testing.leaks import LeakGuard
+
+
+class Collect:
+    """An OutputSink that drains each pipe to EOF into memory, and an event log with times."""
+
+    def __init__(self) -> None:
+        self.output: dict[str, bytearray] = {}
+        self.events: list[tuple[float, str, str, dict[str, Any]]] = []
+        self._group: anyio.abc.TaskGroup | None = None
+
+    def emit(self, event: str, service: str, **fields: Any) -> None:
+        self.events.append((time.monotonic(), event, service, fields))
+
+    def attach(self, service: str, stream: str, fd: int) -> None:
+        assert self._group is not None
+        self._group.start_soon(self._drain, service, fd)
+
+    async def _drain(self, service: str, fd: int) -> None:
+        os.set_blocking(fd, False)
+        buffer = self.output.setdefault(service, bytearray())
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    await anyio.wait_readable(fd)
+                    continue
+                if not chunk:
+                    return
+                buffer += chunk
+        finally:
+            os.close(fd)
+
+    def of(self, event: str, service: str | None = None) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, f) for t, e, s, f in self.events if e == event and (service is None or s == service)]
+
+
+@pytest.fixture
+def project(leak_check: LeakGuard) -> str:
+    name = f"su-{secrets.token_hex(3)}"
+    leak_check.track(name)
+    return name
+
+
+async def run_stack(toml: str, tmp_path: Path, project: str, *, until: float | None = None, **kwargs: Any) -> Collect:
+    """Bring the stack up; stop it after `until` seconds (None: when every service has finished)."""
+    stack = parse_stack(toml, file=tmp_path / "stack.toml", project=project)
+    paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
+    sink = Collect()
+    async with anyio.create_task_group() as group:
+        sink._group = group
+        async with StackSupervisor.open(stack, emit=sink.emit, output=sink, paths=paths) as supervisor:
+            for runner in supervisor.runners.values():
+                runner.restart.backoff = kwargs.get("backoff", runner.restart.backoff)
+            if until is None:
+                await supervisor.up()
+            else:
+                with anyio.move_on_after(until):
+                    await supervisor.up()
+    assert not (tmp_path / "state" / project).exists(), "the state directory outlived the stack"
+    return sink
+
+
+async def test_dependencies_start_in_order_and_everything_is_removed(tmp_path: Path, project: str) -> None:
+    toml = """
+        [services.migrate]
+        command = ["sh", "-c", "sleep 0.2; echo migrated"]
+        [services.db]
+        command = ["sh", "-c", "echo db up"]
+        [services.web]
+        command = ["sh", "-c", "echo web up"]
+        depends_on = { migrate = "completed_successfully", db = "started" }
+    """
+    sink = await run_stack(toml, tmp_path, project)
+    ((migrate_exit, _),) = sink.of("exited", "migrate")
+    ((web_start, _),) = sink.of("started", "web")
+    ((db_start, _),) = sink.of("started", "db")
+    assert web_start > migrate_exit and web_start > db_start
+    assert bytes(sink.output["web"]) == b"web up\n"
+    assert bytes(sink.output["migrate"]) == b"migrated\n"
+
+
+async def test_a_failed_one_shot_keeps_its_dependents_down(tmp_path: Path, project: str) -> None:
+    toml = """
+        [services.migrate]
+        command = ["sh", "-c", "exit 4"]
+        [services.web]
+        command = ["true"]
+        depends_on = { migrate = "completed_successfully" }
+    """
+    sink = await run_stack(toml, tmp_path, project)
+    assert sink.of("started", "web") == []
+    ((_, fields),) = sink.of("dependency-failed", "web")
+    assert fields["dependency"] == "migrate" and "code 4" in fields["reason"]
+
+
+async def test_on_failure_restarts_with_growing_delays_then_gives_up(tmp_path: Path, project: str) -> None:
+    toml = """
+        [services.flaky]
+        command = ["sh", "-c", "echo try; exit 3"]
+        restart = "on-failure:3"
+    """
+    sink = await run_stack(toml, tmp_path, project, backoff=Backoff(initial=0.1, factor=2.0))
+    starts = [t for t, _ in sink.of("started", "flaky")]
+    assert len(starts) == 4  # the first start and 3 restarts
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4
+    assert gaps[1] > gaps[0] and gaps[2] > gaps[1]
+    assert [f["delay"] for _, f in sink.of("restarting", "flaky")] == [0.1, 0.2, 0.4]
+    assert bytes(sink.output["flaky"]) == b"try\n" * 4
+
+
+async def test_down_stops_gracefully_or_kills_after_the_grace_period(tmp_path: Path, project: str) -> None:
+    toml = """
+        [services.polite]
+        command = ["sh", "-c", "trap 'echo bye; exit 0' TERM; while :; do sleep 0.05; done"]
+        [services.stubborn]
+        command = ["sh", "-c", "trap '' TERM; sh -c 'sleep 300' & while :; do sleep 0.05; done"]
+        stop_grace_period = "300ms"
+    """
+    sink = await run_stack(toml, tmp_path, project, until=0.5)
+    ((_, polite),) = sink.of("exited", "polite")
+    assert polite["code"] == 0 and bytes(sink.output["polite"]).endswith(b"bye\n")
+    assert sink.of("killing", "polite") == []
+    ((_, stubborn),) = sink.of("exited", "stubborn")
+    assert "SIGKILL" in stubborn["reason"]
+    assert sink.of("killing", "stubborn")
