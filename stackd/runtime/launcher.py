@@ -111,6 +111,28 @@ class Launcher:
             )
         return int(reply["pid"])
 
+    async def exec(self, wire_plan: dict[str, Any], *, stdin: int = -1, stdout: int, stderr: int) -> int:
+        """Start a process inside a running service (see plan.exec_plan); return its pid once it exec'd.
+
+        Raises LaunchError naming the step that failed. Its exit is reported like a service's (wait()).
+        """
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) if stdin < 0 else -1
+        try:
+            fds = [stdin if stdin >= 0 else null, stdout, stderr]
+            reply = await self._request({"op": "exec", "plan": wire_plan}, fds=fds)
+        finally:
+            if null >= 0:
+                os.close(null)
+        if reply["op"] == "failed":
+            raise LaunchError(
+                str(wire_plan.get("service")),
+                f"exec {reply['step']}",
+                errno=reply["errno"],
+                path=reply["path"] or None,
+                detail=reply["detail"],
+            )
+        return int(reply["pid"])
+
     async def wait(self, pid: int) -> Exit:
         """Wait for the service process `pid` to end."""
         if pid not in self._exits:

@@ -9,6 +9,8 @@ Protocol, over one AF_UNIX SOCK_SEQPACKET socket (one JSON object a message):
   <- {"op": "started", "id": N, "pid": P}
   <- {"op": "failed", "id": N, "step": "...", "errno": E|null, "path": "...", "detail": "..."}
   <- {"op": "exited", "pid": P, "code": C|null, "signal": S|null}
+  -> {"op": "exec", "id": N, "plan": {...exec_plan()...}}  with fds [stdin, stdout, stderr] attached
+  <- "started" / "failed" as for a launch, then "exited" for the exec'd process
   -> {"op": "ping", "id": N}   <- {"op": "pong", "id": N}
 The launcher exits when the socket closes; the services it started keep running (`stackd down`
 kills them through their cgroups).
@@ -123,6 +125,36 @@ def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> No
     _stage_two(plan, stdout_fd, stderr_fd)
 
 
+#: The order runc's nsenter joins namespaces in: the user namespace first (it grants the rest).
+_JOIN_ORDER = ("user", "ipc", "uts", "net", "pid", "mnt", "cgroup", "time")
+
+
+def _exec_stage_one(plan: dict, status_fd: int, fds: list[int]) -> None:
+    """`exec` into a running service: its cgroup, its namespaces, then fork (the pid namespace applies
+    to children) and become the service's user with its confinement."""
+    os.setsid()
+    for procs in plan["cgroup_procs"]:
+        with _Step("join cgroup", procs):
+            linux.write_file(procs, "0")
+    target = plan["target_pid"]
+    namespaces = []
+    for name in _JOIN_ORDER:  # open them all first: joining the mount namespace changes /proc
+        if name in plan["join"]:
+            path = f"/proc/{target}/ns/{name}"
+            with _Step("open namespace", path):
+                namespaces.append((path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+    for path, fd in namespaces:
+        with _Step("setns", path):
+            linux.setns(fd, 0)
+        os.close(fd)
+    pid = os.fork()
+    if pid:
+        os.write(status_fd, json.dumps({"pid": pid}).encode() + b"\n")
+        os._exit(0)
+    os.chdir("/")  # the root of the service's mount namespace
+    _become_service(plan, fds[0], fds[1], fds[2])
+
+
 def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
     """Pid 1 of the new pid namespace: build the root, confine, exec. Never returns."""
     with _Step("make mounts private", "/"):
@@ -149,6 +181,12 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
         _remount_readonly(path, recursive=True)
     if plan["rootfs_upper"] is None:
         _remount_readonly("/", recursive=False)
+    _become_service(plan, -1, stdout_fd, stderr_fd)
+
+
+def _become_service(plan: dict, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+    """The last steps of a launch, shared with exec: rlimits, user, stdio, working directory,
+    capabilities, no_new_privs, seccomp, exec. Never returns."""
     for number, soft, hard in plan["rlimits"]:
         with _Step("setrlimit", str(number)):
             inf = resource.RLIM_INFINITY
@@ -160,7 +198,7 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
     uid, gid, groups, home = _resolve_user(plan["user"], plan["group"])
     env = dict(plan["env"])
     env.setdefault("HOME", home)
-    _set_stdio(stdout_fd, stderr_fd)
+    _set_stdio(stdin_fd, stdout_fd, stderr_fd)
     workdir = plan["working_dir"]
     with _Step("chdir", workdir):
         if not os.path.isdir(workdir) and plan["rootfs_upper"] is not None:
@@ -343,10 +381,9 @@ def _read_db(path: str) -> list[list[str]]:
     return [entry for entry in entries if len(entry) >= 4]
 
 
-def _set_stdio(stdout_fd: int, stderr_fd: int) -> None:
+def _set_stdio(stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
     with _Step("stdio"):
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
+        os.dup2(stdin_fd if stdin_fd >= 0 else os.open("/dev/null", os.O_RDONLY), 0)
         os.dup2(stdout_fd, 1)
         os.dup2(stderr_fd, 2)
         # Only 0-2 reach the service: every other fd is closed or close-on-exec (the status pipe).
@@ -363,12 +400,15 @@ def _find_program(name: str, path: str) -> str:
     raise StepError("exec", None, name, f"{name}: not found in PATH {path}")
 
 
-def _child(plan: dict, status_fd: int, fds: list[int]) -> None:
-    """Run both stages; on any failure report it through the status pipe and exit 127."""
+def _child(op: str, plan: dict, status_fd: int, fds: list[int]) -> None:
+    """Run a launch or an exec; on any failure report it through the status pipe and exit 127."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        _stage_one(plan, status_fd, fds[0], fds[1])
+        if op == "exec":
+            _exec_stage_one(plan, status_fd, fds)
+        else:
+            _stage_one(plan, status_fd, fds[0], fds[1])
     except StepError as error:
         message = error.to_message()
     except BaseException as error:  # whatever happens, the caller must hear of it
@@ -419,7 +459,7 @@ class Launcher:
         if not data:
             return False
         request = json.loads(data)
-        if request["op"] == "launch":
+        if request["op"] in ("launch", "exec"):
             self._launch(request, fds)
         else:
             for fd in fds:
@@ -430,12 +470,12 @@ class Launcher:
 
     def _launch(self, request: dict, fds: list[int]) -> None:
         plan = request["plan"]
-        guard = _read_host_sysctls(plan)
+        guard = _read_host_sysctls(plan) if request["op"] == "launch" else {}
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(status_r)
-            _child(plan, status_w, fds)
+            _child(request["op"], plan, status_w, fds)
         os.close(status_w)
         for fd in fds:
             os.close(fd)

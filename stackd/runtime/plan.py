@@ -53,6 +53,8 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 #: What a service on the host's root must not read (docs/security.md): replaced by empty tmpfs.
 HOST_HIDDEN_DIRS = ("/root", "/home", "/run", "/tmp", "/var/tmp")
+#: The hidden directories everyone may write to, as on any Linux host.
+_STICKY = {"/tmp": "1777", "/var/tmp": "1777"}
 #: Files replaced by /dev/null on the host's root.
 HOST_HIDDEN_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 
@@ -220,6 +222,36 @@ def build_plan(
     )
 
 
+def exec_plan(
+    plan: LaunchPlan,
+    target_pid: int,
+    argv: Sequence[str],
+    *,
+    user: str | int | None = None,
+    env: Mapping[str, str] | None = None,
+    working_dir: str | None = None,
+) -> dict[str, Any]:
+    """What the launcher needs to run `argv` inside a running service (pid `target_pid`, as the host
+    sees it): its cgroup, all its namespaces, its user (unless `user`), capabilities, no_new_privs and
+    seccomp. For health checks and `stackd exec`."""
+    wire = plan.to_wire()
+    names = {"mount": "mnt"}
+    join = [names.get(name, name) for name in plan.namespaces] + ["net"]
+    wire.update(
+        target_pid=target_pid,
+        join=sorted(set(join)),
+        argv=list(argv),
+        init=None,
+        env=[*plan.env, *(env or {}).items()],
+        working_dir=working_dir or plan.working_dir,
+    )
+    if user is not None:
+        text = str(user)
+        name, _, group = text.partition(":")
+        wire["user"], wire["group"] = name, group or None
+    return wire
+
+
 def _split_seconds(clock: str, seconds: float) -> tuple[str, int, int]:
     """(clock, whole seconds, nanoseconds) as timens_offsets wants them (nanoseconds 0..999999999)."""
     total = round(seconds * 1_000_000_000)
@@ -251,7 +283,7 @@ def cgroup_view(mounts: CgroupMounts) -> tuple[Mount, ...]:
 def _host_privacy_mounts(paths: StackPaths, secret_files: Sequence[str]) -> list[Mount]:
     hidden_dirs = [*HOST_HIDDEN_DIRS, str(paths.state_root), str(paths.log_root)]
     mounts = [
-        Mount(d, "tmpfs", "tmpfs", ("nosuid", "nodev"), "mode=755,size=65536k", create="none")
+        Mount(d, "tmpfs", "tmpfs", ("nosuid", "nodev"), f"mode={_STICKY.get(d, '755')},size=65536k", create="none")
         for d in dict.fromkeys(hidden_dirs)
         if not any(d != other and d.startswith(other + "/") for other in hidden_dirs)
     ]
