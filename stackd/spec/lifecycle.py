@@ -65,7 +65,8 @@ def depends_on(value: object, ctx: Context) -> dict[str, Dependency]:
     return result
 
 
-_HEALTH_KEYS = ("test", "interval", "timeout", "retries", "start_period", "start_interval", "disable")
+_HEALTH_KEYS = ("test", "interval", "timeout", "retries", "start_period", "start_interval", "disable", "on_unhealthy")
+_ON_UNHEALTHY = ("ignore", "restart")
 
 
 def healthcheck(value: object, ctx: Context) -> Healthcheck | None:
@@ -95,10 +96,14 @@ def healthcheck(value: object, ctx: Context) -> Healthcheck | None:
     retries = ctx.at("retries").attempt(integer, table.get("retries", 3), "a number of retries")
     if retries is not None and retries < 1:
         ctx.problem(f"{retries} is not a number of retries (at least 1)", ("retries",))
+    on_unhealthy = table.get("on_unhealthy", "ignore")
+    if on_unhealthy not in _ON_UNHEALTHY:
+        ctx.problem(f"{show(on_unhealthy)} is not an action (allowed: {one_of(_ON_UNHEALTHY)})", ("on_unhealthy",))
+        return None
     if test is None or retries is None or None in durations.values():
         return None
     argv, shell = test
-    return Healthcheck(argv, shell, retries=retries, **cast(dict[str, float], durations))
+    return Healthcheck(argv, shell, retries=retries, on_unhealthy=on_unhealthy, **cast(dict[str, float], durations))
 
 
 def _health_test(value: object, ctx: Context) -> tuple[tuple[str, ...], bool] | None:

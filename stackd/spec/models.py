@@ -181,6 +181,8 @@ class Healthcheck:
     retries: int = 3
     start_period: float = 0.0
     start_interval: float = 5.0
+    #: "ignore" (Docker's behaviour: report it) or "restart" (stop and start the service again).
+    on_unhealthy: Literal["ignore", "restart"] = "ignore"
 
 
 @dataclass(frozen=True, slots=True)

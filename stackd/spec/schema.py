@@ -238,6 +238,10 @@ def _service_schema() -> dict[str, Any]:
                 "start_period": _DURATION,
                 "start_interval": _DURATION,
                 "disable": {"type": "boolean"},
+                "on_unhealthy": {
+                    "enum": ["ignore", "restart"],
+                    "description": 'What an unhealthy service gets: "ignore" (reported only) or "restart".',
+                },
             },
             "additionalProperties": False,
         },

@@ -91,6 +91,7 @@ def _service(service: Service) -> dict[str, Any]:
             "retries": check.retries,
             "start_period": format_duration(check.start_period),
             "start_interval": format_duration(check.start_interval),
+            "on_unhealthy": check.on_unhealthy,
         }
     if service.labels:
         out["labels"] = dict(service.labels)

@@ -21,6 +21,7 @@ from stackd.runtime.launcher import Exit, Launcher
 from stackd.runtime.paths import StackPaths
 from stackd.spec.models import Service
 from stackd.spec.signals import signal_number
+from stackd.supervisor.health import HealthWatcher, Probe
 from stackd.supervisor.restart import Backoff, RestartState, should_restart
 from stackd.supervisor.state import StateRecord
 
@@ -62,6 +63,10 @@ class ServiceRunner:
         self.last_reason = ""
         self.instance: Instance | None = None
         self.started = anyio.Event()  # set at the first successful start
+        self.healthy = anyio.Event()  # set the first time the health check passes
+        self.health: str | None = None  # "starting", "healthy", "unhealthy"; None without a healthcheck
+        self._restart_unhealthy = False
+        self._unhealthy = anyio.Event()
         self.finished = anyio.Event()  # set when the runner will not start the service again
         self._stop_requested = False
         self._stop_event = anyio.Event()
@@ -80,11 +85,12 @@ class ServiceRunner:
                     self.last_reason = str(error)
                     self._emit("failed", self.name, error=str(error))
                     return
-                exit = await self._launcher.wait(self.pid or 0)
+                exit = await self._watch(self.pid or 0)
                 self._exited(exit)
                 ran_for = time.monotonic() - self._started_at
                 self.restart.on_exit(ran_for)
-                if not should_restart(
+                unhealthy, self._restart_unhealthy = self._restart_unhealthy, False
+                if not unhealthy and not should_restart(
                     self.service.restart,
                     code=exit.code,
                     signal=exit.signal,
@@ -128,6 +134,43 @@ class ServiceRunner:
         self.state = "running"
         self._emit("started", self.name, pid=self.pid)
         self.started.set()
+
+    async def _watch(self, pid: int) -> Exit:
+        """Wait for the process to end, probing its health meanwhile when it has a healthcheck."""
+        check = self.service.healthcheck
+        if check is None or self.instance is None:
+            return await self._launcher.wait(pid)
+        self.health = "starting"
+        self._unhealthy = anyio.Event()
+        watcher = HealthWatcher(
+            check, launcher=self._launcher, plan=self.instance.plan, pid=pid, on_change=self._health_changed
+        )
+        async with anyio.create_task_group() as group:
+            group.start_soon(watcher.run)
+            if check.on_unhealthy == "restart":
+                group.start_soon(self._restart_when_unhealthy, pid)
+            exit = await self._launcher.wait(pid)
+            group.cancel_scope.cancel()
+        return exit
+
+    def _health_changed(self, status: str, probe: Probe) -> None:
+        self.health = status
+        self._emit(status, self.name, detail=probe.detail[-200:])
+        if status == "healthy":
+            self.healthy.set()
+        else:
+            self._unhealthy.set()
+
+    async def _restart_when_unhealthy(self, pid: int) -> None:
+        """healthcheck.on_unhealthy = "restart": stop the process as `stop` would; run() starts it again."""
+        await self._unhealthy.wait()
+        self._restart_unhealthy = True
+        self._emit("restarting-unhealthy", self.name, signal=self.service.stop_signal)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal_number(self.service.stop_signal))
+        await anyio.sleep(self.service.stop_grace_period)
+        if self._launcher.exited(pid) is None and self.instance is not None:
+            await anyio.to_thread.run_sync(self.instance.cgroup.kill)
 
     def _prepare(self) -> Instance:
         return prepare(self.service, project=self._project, paths=self._paths, facts=self._facts)

@@ -122,12 +122,12 @@ class StackSupervisor:
                     runner.finished.set()
                     return
             else:
-                # service_healthy waits for the start too until health checks run (docs/stack-file.md).
+                awaited = target.healthy if condition == "service_healthy" else target.started
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as race:
 
-                        async def started(target: ServiceRunner = target, scope: anyio.CancelScope = scope) -> None:
-                            await target.started.wait()
+                        async def started(awaited: anyio.Event = awaited, scope: anyio.CancelScope = scope) -> None:
+                            await awaited.wait()
                             scope.cancel()
 
                         async def gave_up(target: ServiceRunner = target, scope: anyio.CancelScope = scope) -> None:
@@ -136,7 +136,7 @@ class StackSupervisor:
 
                         race.start_soon(started)
                         race.start_soon(gave_up)
-                if not target.started.is_set():
+                if not awaited.is_set():
                     self._emit("dependency-failed", name, dependency=dependency, reason=target.last_reason)
                     runner.finished.set()
                     return

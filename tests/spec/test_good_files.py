@@ -167,6 +167,7 @@ def test_healthcheck_defaults_are_compose_defaults() -> None:
         "retries": 30,
         "start_period": "0s",
         "start_interval": "5s",
+        "on_unhealthy": "ignore",
     }
 
 
