@@ -38,6 +38,16 @@ def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
     up.add_argument("--timestamps", action="store_true", help="prefix each line with the time it was read")
     up.add_argument("--log-format", choices=("console", "json"), default="console", help="stackd's own events")
     up.add_argument(
+        "--abort-on-container-exit",
+        action="store_true",
+        help="stop the whole stack as soon as one service has ended (and will not restart)",
+    )
+    up.add_argument(
+        "--exit-code-from",
+        metavar="SERVICE",
+        help="exit with this service's exit code (implies --abort-on-container-exit)",
+    )
+    up.add_argument(
         "-t",
         "--timeout",
         type=float,
@@ -67,6 +77,11 @@ def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     stack = load_stack(stack_file(args), project=args.project_name)
+    unknown = [name for name in [*args.service, args.exit_code_from or ""] if name and name not in stack.services]
+    if unknown:
+        services = ", ".join(stack.services)
+        print(f"stackd: no such service: {', '.join(unknown)} (services: {services})", file=sys.stderr)
+        return 2
     configure_events(args.log_format)
     log = event_logger()
     for warning in stack.warnings:
@@ -88,6 +103,15 @@ async def _up(stack: Any, args: argparse.Namespace, printer: PrefixPrinter, log:
                 async def run_until_done() -> None:
                     await supervisor.up(args.service or None)
                     group.cancel_scope.cancel()
+
+                async def abort_when_one_ends(runner: Any) -> None:
+                    await runner.finished.wait()
+                    log.info("aborting", project=stack.name, because=runner.name)
+                    group.cancel_scope.cancel()
+
+                if args.abort_on_container_exit or args.exit_code_from:
+                    for runner in supervisor.runners.values():
+                        group.start_soon(abort_when_one_ends, runner)
 
                 async def stop_on_signal() -> None:
                     async for _ in signals:
@@ -111,10 +135,14 @@ async def _up(stack: Any, args: argparse.Namespace, printer: PrefixPrinter, log:
                 stopping.start_soon(kill_on_second_signal)
                 await supervisor.down(grace=args.timeout)
                 stopping.cancel_scope.cancel()
-    failed = [
-        r.name for r in supervisor.runners.values() if r.last_exit is not None and r.last_exit.code not in (0, None)
-    ]
-    return 1 if failed and not args.service else 0
+    if args.exit_code_from:
+        exit = supervisor.runners[args.exit_code_from].last_exit
+        if exit is None:
+            return 1
+        return exit.code if exit.code is not None else 128 + (exit.signal or 0)
+    # Like Compose: 0 when the stack was asked to stop; 1 when a service could not be started at all.
+    failed = [r.name for r in supervisor.runners.values() if r.last_exit is None and r.last_reason]
+    return 1 if failed else 0
 
 
 def _project_paths(args: argparse.Namespace) -> StackPaths:

@@ -117,3 +117,38 @@ def test_down_after_the_supervisor_was_sigkilled_leaves_nothing(tmp_path: Path, 
             again.wait()
     assert again.returncode == 0
     assert processes_in(project) == []
+
+
+def test_exit_code_from_a_service_stops_the_stack_and_returns_its_code(tmp_path: Path, project: str) -> None:
+    (tmp_path / "stack.toml").write_text(
+        f"""
+name = "{project}"
+[services.server]
+command = ["sleep", "300"]
+stop_grace_period = "100ms"
+[services.tests]
+command = ["sh", "-c", "echo running tests; exit 3"]
+depends_on = ["server"]
+"""
+    )
+    env = {**os.environ, "STACKD_STATE_DIR": str(tmp_path / "run"), "STACKD_LOG_DIR": str(tmp_path / "log")}
+    result = subprocess.run(
+        [sys.executable, "-m", "stackd", "up", "--exit-code-from", "tests"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "running tests" in result.stdout
+    assert processes_in(project) == []
+    bad = subprocess.run(
+        [sys.executable, "-m", "stackd", "up", "--exit-code-from", "nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "no such service: nope" in bad.stderr
