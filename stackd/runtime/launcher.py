@@ -59,6 +59,7 @@ class Launcher:
         self._exit_events: dict[int, anyio.Event] = {}
         self._listeners: list[Callable[[Exit], None]] = []
         self._closed = False
+        self._send_lock = anyio.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -155,10 +156,16 @@ class Launcher:
         event, box = anyio.Event(), []
         self._replies[request_id] = (event, box)
         data = json.dumps({**message, "id": request_id}).encode()
+        async with self._send_lock:  # one writer at a time: many tasks launch concurrently
+            await self._send(request_id, message, data, fds or [])
+        await event.wait()
+        return box[0]
+
+    async def _send(self, request_id: int, message: dict[str, Any], data: bytes, fds: list[int]) -> None:
         while True:
             try:
-                socket.send_fds(self._sock, [data], fds or [])
-                break
+                socket.send_fds(self._sock, [data], fds)
+                return
             except BlockingIOError:
                 await anyio.wait_writable(self._sock)
             except OSError as error:  # EPIPE, ECONNRESET: the launcher died
@@ -166,8 +173,6 @@ class Launcher:
                 self._closed = True
                 service = str(message.get("plan", {}).get("service", "?"))
                 raise LaunchError(service, "launcher", errno=error.errno, detail="the launcher process died") from None
-        await event.wait()
-        return box[0]
 
     async def _read_loop(self) -> None:
         while True:

@@ -165,9 +165,8 @@ class StackSupervisor:
                 await self.runners[name].stop(grace=grace)
             finally:
                 stopped[name].set()
+            await self.runners[name].remove()
 
         async with anyio.create_task_group() as group:
             for name in self.runners:
                 group.start_soon(stop, name)
-        for runner in self.runners.values():
-            await runner.remove()
