@@ -10,7 +10,6 @@ yet (each service has its own empty network namespace), so these figures do not 
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import statistics
 import sys
@@ -23,6 +22,7 @@ import anyio
 
 from stackd.runtime.paths import StackPaths
 from stackd.spec import parse_stack
+from stackd.supervisor.router import LogRouter
 from stackd.supervisor.stack import StackSupervisor
 from stackd.testing.rootfs import make_busybox_rootfs
 
@@ -32,13 +32,6 @@ command = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1 & wait; done"]
 rootfs = "{rootfs}"
 stop_grace_period = "5s"
 """
-
-
-class Discard:
-    """An OutputSink that closes the read ends at once: the benchmark measures the supervisor, not logs."""
-
-    def attach(self, service: str, stream: str, fd: int) -> None:
-        os.close(fd)
 
 
 async def one_run(count: int, rootfs: str, workdir: Path) -> tuple[float, float]:
@@ -53,7 +46,10 @@ async def one_run(count: int, rootfs: str, workdir: Path) -> tuple[float, float]
             started.append(time.perf_counter())
 
     t0 = time.perf_counter()
-    async with StackSupervisor.open(stack, emit=emit, output=Discard(), paths=paths) as supervisor:
+    async with (
+        LogRouter(paths.logs) as router,
+        StackSupervisor.open(stack, emit=emit, output=router, paths=paths) as supervisor,
+    ):
         async with anyio.create_task_group() as group:
             group.start_soon(supervisor.up)
             while len(started) < count:

@@ -15,11 +15,11 @@ import anyio
 
 from stackd.cli.config_verbs import stack_file
 from stackd.cli.events import configure_events, event_logger
-from stackd.cli.output import PrefixPrinter
 from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
 from stackd.spec import load_stack
 from stackd.spec.project import validate_project_name
+from stackd.supervisor.router import LogRouter, TerminalPrinter
 from stackd.supervisor.stack import StackSupervisor
 from stackd.supervisor.state import StateRecord, remove_recorded
 
@@ -86,17 +86,26 @@ def run_up(args: argparse.Namespace) -> int:
     log = event_logger()
     for warning in stack.warnings:
         log.warning("stack file", warning=warning)
-    printer = PrefixPrinter(
-        list(stack.services), prefix=not args.no_log_prefix, timestamps=args.timestamps, stream=sys.stdout
-    )
+    printer = TerminalPrinter(list(stack.services), no_prefix=args.no_log_prefix, timestamps=args.timestamps)
     return anyio.run(_up, stack, args, printer, log)
 
 
-async def _up(stack: Any, args: argparse.Namespace, printer: PrefixPrinter, log: Any) -> int:
+async def _up(stack: Any, args: argparse.Namespace, printer: TerminalPrinter, log: Any) -> int:
     def emit(event: str, service: str, **fields: Any) -> None:
         log.info(event, service=service or None, **fields)
 
-    async with printer.running(), StackSupervisor.open(stack, emit=emit, output=printer) as supervisor:
+    # The printer outlives the router (it prints what is queued, then ends); the router outlives the
+    # supervisor, so the services' last lines reach the disk and the terminal.
+    async with (
+        anyio.create_task_group() as printing,
+        LogRouter(StackPaths(stack.name).logs) as router,
+    ):
+        printing.start_soon(printer.run, router.subscribe())
+        return await _supervise(stack, args, router, log, emit)
+
+
+async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, log: Any, emit: Any) -> int:
+    async with StackSupervisor.open(stack, emit=emit, output=router) as supervisor:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as group:
 

@@ -30,10 +30,21 @@ __all__ = ["OutputSink", "ServiceRunner"]
 Emit = Callable[..., None]
 
 
-class OutputSink(Protocol):
-    """Where a service's output goes: the supervisor's log router takes the read ends of its pipes."""
+class ServicePipes(Protocol):
+    """The output pipes of one run of a service (stackd.supervisor.router.ServiceOutput)."""
 
-    def attach(self, service: str, stream: str, fd: int) -> None: ...
+    stdout: int
+    stderr: int
+
+    def close_write_ends(self) -> None: ...
+
+    async def wait(self) -> None: ...
+
+
+class OutputSink(Protocol):
+    """Where a service's output goes: new pipes for every run (the log router)."""
+
+    def attach(self, service: str) -> ServicePipes: ...
 
 
 class ServiceRunner:
@@ -71,6 +82,7 @@ class ServiceRunner:
         self._stop_requested = False
         self._stop_event = anyio.Event()
         self._started_at = 0.0
+        self._pipes: ServicePipes | None = None
 
     # -- the main loop ---------------------------------------------------------------------------
 
@@ -86,6 +98,9 @@ class ServiceRunner:
                     self._emit("failed", self.name, error=str(error))
                     return
                 exit = await self._watch(self.pid or 0)
+                if self._pipes is not None:
+                    with anyio.move_on_after(5):  # a grandchild may still hold the pipes open
+                        await self._pipes.wait()  # its last words are on disk before its exit is told
                 self._exited(exit)
                 ran_for = time.monotonic() - self._started_at
                 self.restart.on_exit(ran_for)
@@ -116,20 +131,14 @@ class ServiceRunner:
             self._record.add("cgroup", self.name, paths=cgroup_paths)
             self._record.add("dir", self.name, path=str(self._paths.service(self.name)))
             self.instance = await anyio.to_thread.run_sync(self._prepare)
-        stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+        self._pipes = self._output.attach(self.name)
         try:
             self.instance.mark_started()
-            self.pid = await self._launcher.launch(self.instance.plan, stdout=stdout_w, stderr=stderr_w)
-        except BaseException:
-            os.close(stdout_r)
-            os.close(stderr_r)
-            raise
+            self.pid = await self._launcher.launch(
+                self.instance.plan, stdout=self._pipes.stdout, stderr=self._pipes.stderr
+            )
         finally:
-            os.close(stdout_w)
-            os.close(stderr_w)
-        self._output.attach(self.name, "stdout", stdout_r)
-        self._output.attach(self.name, "stderr", stderr_r)
+            self._pipes.close_write_ends()  # the service holds its own copies (or failed to start)
         self._started_at = time.monotonic()
         self.state = "running"
         self._emit("started", self.name, pid=self.pid)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import time
 from pathlib import Path
@@ -14,41 +13,22 @@ import pytest
 
 from stackd.runtime.paths import StackPaths
 from stackd.spec import parse_stack
+from stackd.supervisor.logfile import log_path, read_log
 from stackd.supervisor.restart import Backoff
+from stackd.supervisor.router import LogRouter
 from stackd.supervisor.stack import StackSupervisor
 from stackd.testing.leaks import LeakGuard
 
 
 class Collect:
-    """An OutputSink that drains each pipe to EOF into memory, and an event log with times."""
+    """The events of a run, with their times, and each service's output read back from its log file."""
 
     def __init__(self) -> None:
-        self.output: dict[str, bytearray] = {}
+        self.output: dict[str, bytes] = {}
         self.events: list[tuple[float, str, str, dict[str, Any]]] = []
-        self._group: anyio.abc.TaskGroup | None = None
 
     def emit(self, event: str, service: str, **fields: Any) -> None:
         self.events.append((time.monotonic(), event, service, fields))
-
-    def attach(self, service: str, stream: str, fd: int) -> None:
-        assert self._group is not None
-        self._group.start_soon(self._drain, service, fd)
-
-    async def _drain(self, service: str, fd: int) -> None:
-        os.set_blocking(fd, False)
-        buffer = self.output.setdefault(service, bytearray())
-        try:
-            while True:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    await anyio.wait_readable(fd)
-                    continue
-                if not chunk:
-                    return
-                buffer += chunk
-        finally:
-            os.close(fd)
 
     def of(self, event: str, service: str | None = None) -> list[tuple[float, dict[str, Any]]]:
         return [(t, f) for t, e, s, f in self.events if e == event and (service is None or s == service)]
@@ -66,16 +46,20 @@ async def run_stack(toml: str, tmp_path: Path, project: str, *, until: float | N
     stack = parse_stack(toml, file=tmp_path / "stack.toml", project=project)
     paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
     sink = Collect()
-    async with anyio.create_task_group() as group:
-        sink._group = group
-        async with StackSupervisor.open(stack, emit=sink.emit, output=sink, paths=paths) as supervisor:
-            for runner in supervisor.runners.values():
-                runner.restart.backoff = kwargs.get("backoff", runner.restart.backoff)
-            if until is None:
+    async with (
+        LogRouter(paths.logs) as router,
+        StackSupervisor.open(stack, emit=sink.emit, output=router, paths=paths) as supervisor,
+    ):
+        for runner in supervisor.runners.values():
+            runner.restart.backoff = kwargs.get("backoff", runner.restart.backoff)
+        if until is None:
+            await supervisor.up()
+        else:
+            with anyio.move_on_after(until):
                 await supervisor.up()
-            else:
-                with anyio.move_on_after(until):
-                    await supervisor.up()
+    for name in stack.services:
+        if log_path(paths.logs, name).exists():
+            sink.output[name] = b"".join(line.raw() for line in read_log(log_path(paths.logs, name)))
     assert not (tmp_path / "state" / project).exists(), "the state directory outlived the stack"
     return sink
 
