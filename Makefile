@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXAMPLE ?= examples/hello/stack.toml
+EXAMPLE ?= examples/pipeline/stack.toml
 
 .PHONY: setup up test lint bench clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps
 	touch $@
 
 up: setup
-	$(BIN)/stackd -f $(EXAMPLE) config
+	$(BIN)/stackd -f $(EXAMPLE) up
 
 test: setup
 	$(BIN)/python -m pytest

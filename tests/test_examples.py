@@ -1,0 +1,44 @@
+"""The runnable examples run: each is copied to a temporary directory and brought up for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stackd.testing.leaks import LeakGuard
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_pipeline_example_moves_jobs_and_stops_cleanly(tmp_path: Path, leak_check: LeakGuard) -> None:
+    leak_check.track("pipeline")
+    example = shutil.copytree(EXAMPLES / "pipeline", tmp_path / "pipeline")
+    env = {**os.environ, "STACKD_STATE_DIR": str(tmp_path / "run"), "STACKD_LOG_DIR": str(tmp_path / "log")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stackd", "-f", str(example / "stack.toml"), "up", "--log-format", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        log = tmp_path / "log" / "pipeline" / "consumer.log"
+        while not (log.exists() and b"job 2" in log.read_bytes()):
+            assert time.monotonic() < deadline and process.poll() is None, "no job reached the consumer"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "prepare  | prepared the queue" in out
+    assert "consumer | job 1" in out
+    assert '"event": "healthy"' in err and '"service": "producer"' in err
