@@ -101,7 +101,8 @@ async def _up(stack: Any, args: argparse.Namespace, printer: TerminalPrinter, lo
         LogRouter(StackPaths(stack.name).logs) as router,
     ):
         printing.start_soon(printer.run, router.subscribe())
-        return await _supervise(stack, args, router, log, emit)
+        code = await _supervise(stack, args, router, log, emit)
+    return code
 
 
 async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, log: Any, emit: Any) -> int:

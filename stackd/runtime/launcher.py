@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -153,7 +153,7 @@ class Launcher:
             service = str(message.get("plan", {}).get("service", "?"))
             raise LaunchError(service, "launcher", detail="the launcher process died")
         request_id = next(self._ids)
-        event, box = anyio.Event(), []
+        event, box = anyio.Event(), cast(list[dict[str, Any]], [])
         self._replies[request_id] = (event, box)
         data = json.dumps({**message, "id": request_id}).encode()
         async with self._send_lock:  # one writer at a time: many tasks launch concurrently

@@ -32,6 +32,10 @@ import sys
 from stackd._sys import caps, linux, netdev
 from stackd._sys.inroot import open_in_root
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # no `typing` at run time: the launcher keeps its imports few
+    from typing import Any
+
 MAX_MESSAGE = 1 << 20
 
 _NAMESPACE_FLAGS = {
@@ -81,16 +85,15 @@ class _Step:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         if isinstance(error, OSError):
             raise StepError(self.name, error, self.path or (error.filename or "")) from None
-        return False
 
 
 # --- inside the new process -----------------------------------------------------------------------
 
 
-def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+def _stage_one(plan: dict[str, Any], status_fd: int, stdout_fd: int, stderr_fd: int) -> None:
     """In the first child, still in the host's namespaces: cgroup, namespaces, then fork pid 1.
 
     Joining the cgroup first costs an RCU grace period when no task changed cgroup for a while (5-15 ms
@@ -129,7 +132,7 @@ def _stage_one(plan: dict, status_fd: int, stdout_fd: int, stderr_fd: int) -> No
 _JOIN_ORDER = ("user", "ipc", "uts", "net", "pid", "mnt", "cgroup", "time")
 
 
-def _exec_stage_one(plan: dict, status_fd: int, fds: list[int]) -> None:
+def _exec_stage_one(plan: dict[str, Any], status_fd: int, fds: list[int]) -> None:
     """`exec` into a running service: its cgroup, its namespaces, then fork (the pid namespace applies
     to children) and become the service's user with its confinement."""
     os.setsid()
@@ -155,7 +158,7 @@ def _exec_stage_one(plan: dict, status_fd: int, fds: list[int]) -> None:
     _become_service(plan, fds[0], fds[1], fds[2])
 
 
-def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
+def _stage_two(plan: dict[str, Any], stdout_fd: int, stderr_fd: int) -> None:
     """Pid 1 of the new pid namespace: build the root, confine, exec. Never returns."""
     with _Step("make mounts private", "/"):
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -184,7 +187,7 @@ def _stage_two(plan: dict, stdout_fd: int, stderr_fd: int) -> None:
     _become_service(plan, -1, stdout_fd, stderr_fd)
 
 
-def _become_service(plan: dict, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+def _become_service(plan: dict[str, Any], stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
     """The last steps of a launch, shared with exec: rlimits, user, stdio, working directory,
     capabilities, no_new_privs, seccomp, exec. Never returns."""
     for number, soft, hard in plan["rlimits"]:
@@ -242,7 +245,7 @@ def _become_service(plan: dict, stdin_fd: int, stdout_fd: int, stderr_fd: int) -
         os.execve(program, argv, env)
 
 
-def _mount_rootfs(plan: dict, root: str) -> None:
+def _mount_rootfs(plan: dict[str, Any], root: str) -> None:
     lower, upper, work = plan["rootfs_lower"], plan["rootfs_upper"], plan["rootfs_work"]
     with _Step("mount rootfs", root):
         if upper is None:
@@ -254,7 +257,7 @@ def _mount_rootfs(plan: dict, root: str) -> None:
             linux.mount("overlay", root, "overlay", linux.MS_NODEV, data)
 
 
-def _mount_one(root_fd: int, root: str, mount: dict) -> None:
+def _mount_one(root_fd: int, root: str, mount: dict[str, Any]) -> None:
     target, fstype, source = mount["target"], mount["fstype"], mount["source"]
     flags = 0
     for name in mount["flags"]:
@@ -400,7 +403,7 @@ def _find_program(name: str, path: str) -> str:
     raise StepError("exec", None, name, f"{name}: not found in PATH {path}")
 
 
-def _child(op: str, plan: dict, status_fd: int, fds: list[int]) -> None:
+def _child(op: str, plan: dict[str, Any], status_fd: int, fds: list[int]) -> None:
     """Run a launch or an exec; on any failure report it through the status pipe and exit 127."""
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -428,7 +431,7 @@ class Launcher:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.selector = selectors.DefaultSelector()
-        self.pending: dict[int, dict] = {}  # status pipe fd -> {"id", "pid", "buffer", "plan"}
+        self.pending: dict[int, dict[str, Any]] = {}  # status pipe fd -> {"id", "pid", "buffer", "guard"}
         self.first_children: set[int] = set()
         self.launching: dict[int, int] = {}  # service pid -> status fd, until its launch is settled
         self.held_exits: dict[int, int] = {}  # exits of pids whose launch is not settled yet
@@ -445,7 +448,7 @@ class Launcher:
                 if key.data(key.fileobj) is False:
                     return
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         try:
             self.control.send(json.dumps(message).encode())
         except OSError:
@@ -468,7 +471,7 @@ class Launcher:
                 self.send({"op": "pong", "id": request.get("id")})
         return True
 
-    def _launch(self, request: dict, fds: list[int]) -> None:
+    def _launch(self, request: dict[str, Any], fds: list[int]) -> None:
         plan = request["plan"]
         guard = _read_host_sysctls(plan) if request["op"] == "launch" else {}
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -556,7 +559,7 @@ class Launcher:
             self.send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status), "signal": None})
 
 
-def _read_host_sysctls(plan: dict) -> dict[str, str | None]:
+def _read_host_sysctls(plan: dict[str, Any]) -> dict[str, str | None]:
     """The host's values of the keys the service will set, to check afterwards that they held."""
     values: dict[str, str | None] = {}
     for key, _ in plan["sysctls"]:
@@ -570,7 +573,7 @@ def _read_host_sysctls(plan: dict) -> dict[str, str | None]:
 
 def _sysctl_guard(before: dict[str, str | None]) -> str:
     """The first key whose host value changed since the launch began, or ''."""
-    after = {key: None for key in before}
+    after: dict[str, str | None] = {key: None for key in before}
     for key in before:
         try:
             with open("/proc/sys/" + key) as handle:

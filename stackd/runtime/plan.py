@@ -320,11 +320,11 @@ def _volume_mounts(service: Service) -> list[Mount]:
             data.append(f"size={tmpfs.size}")
         if tmpfs.mode is not None:
             data.append(f"mode={tmpfs.mode:o}")
-        flags = {"nosuid", "nodev"}
+        tmpfs_flags = {"nosuid", "nodev"}
         for option in tmpfs.options:
             if option in ("suid", "dev", "exec", "rw"):
-                flags.discard("no" + option)
+                tmpfs_flags.discard("no" + option)
             else:
-                flags.add(option)
-        mounts.append(Mount(tmpfs.target, "tmpfs", "tmpfs", tuple(sorted(flags)), ",".join(data)))
+                tmpfs_flags.add(option)
+        mounts.append(Mount(tmpfs.target, "tmpfs", "tmpfs", tuple(sorted(tmpfs_flags)), ",".join(data)))
     return mounts

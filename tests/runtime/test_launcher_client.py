@@ -44,3 +44,23 @@ async def test_a_dead_launcher_is_a_launch_error_not_a_crash(tmp_path: Path) -> 
                 os.close(write)
     finally:
         instance.dispose()
+
+
+def test_the_launcher_process_imports_nothing_that_could_start_a_thread() -> None:
+    # Forking is safe only from a single-threaded process (design.md §3): the launcher's imports are the
+    # standard library and stackd._sys, never asyncio, anyio, pyroute2, structlog or threading.
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); import stackd.runtime.launcher_server; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    modules = set(
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    assert "stackd.runtime.launcher_server" in modules
+    assert not modules & {"asyncio", "anyio", "pyroute2", "structlog", "threading", "stackd.supervisor"}
