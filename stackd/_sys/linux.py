@@ -502,11 +502,13 @@ def mount_setattr(
     *,
     flags: int = AT_RECURSIVE,
     dfd: int = AT_FDCWD,
+    userns_fd: int = 0,
 ) -> None:
     """mount_setattr(2) (Linux 5.12+): change MOUNT_ATTR_* flags and/or the propagation (MS_PRIVATE,
     MS_SLAVE, MS_SHARED, MS_UNBINDABLE) of the mount at `path`, and by default (AT_RECURSIVE) of every
-    mount below it, in one atomic call."""
-    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    mount below it, in one atomic call. With MOUNT_ATTR_IDMAP, `userns_fd` names the user namespace whose
+    mapping the (detached) mount takes."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, userns_fd)
     ret = _raw_syscall(
         "mount_setattr",
         ctypes.c_long(dfd),

@@ -12,6 +12,7 @@ Knows one service and nothing of the stack graph (design.md §2).
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import signal
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from stackd.errors import LaunchError
 from stackd.runtime.cgroups import CgroupDriver, CgroupLimits, ServiceCgroup, detect_driver, read_cgroup_mounts
 from stackd.runtime.launcher import Exit
 from stackd.runtime.paths import StackPaths
-from stackd.runtime.plan import LaunchPlan, Mount, build_plan, cgroup_view
+from stackd.runtime.plan import LaunchPlan, Mount, build_plan, cgroup_view, userns_base
 from stackd.runtime.seccomp import compile_for_service
 from stackd.spec.capabilities import effective_capabilities
 from stackd.spec.models import Service
@@ -132,8 +133,14 @@ def prepare(
         raise LaunchError(
             service.name, "init", detail="init = true needs tini or catatonit on the host (apt-get install tini)"
         )
-    for directory in (paths.upper(service.name), paths.work(service.name), paths.root(service.name)):
+    directories = [paths.upper(service.name), paths.work(service.name), paths.root(service.name)]
+    if service.userns_mode == "private":
+        directories.append(paths.service(service.name) / "lower")  # where the idmapped root is attached
+    for directory in directories:
         directory.mkdir(parents=True, exist_ok=True)
+        if service.userns_mode == "private":  # root of the user namespace owns its writable layer
+            base = userns_base(project, service.name)
+            os.chown(directory, base, base)
     cgroup = facts.driver.create(project, service.name, cgroup_limits(service))
     try:
         bpf = None

@@ -108,9 +108,16 @@ def _stage_one(plan: dict[str, Any], status_fd: int, stdout_fd: int, stderr_fd: 
     if plan["join_netns"]:
         with _Step("join network namespace", plan["join_netns"]):
             linux.setns_path(plan["join_netns"], linux.CLONE_NEWNET)
+    if plan.get("_userns_fd") is not None:
+        # The other namespaces are created from inside it, so that they belong to it.
+        with _Step("join user namespace"):
+            linux.setns(plan["_userns_fd"], linux.CLONE_NEWUSER)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
     flags = 0
     for name in plan["namespaces"]:
-        flags |= _NAMESPACE_FLAGS[name]
+        if name != "user":
+            flags |= _NAMESPACE_FLAGS[name]
     with _Step("unshare"):
         linux.unshare(flags)
     if "net" in plan["namespaces"]:
@@ -247,6 +254,11 @@ def _become_service(plan: dict[str, Any], stdin_fd: int, stdout_fd: int, stderr_
 
 def _mount_rootfs(plan: dict[str, Any], root: str) -> None:
     lower, upper, work = plan["rootfs_lower"], plan["rootfs_upper"], plan["rootfs_work"]
+    if plan.get("_lower_fd") is not None:
+        where = plan["rootfs_idmapped_lower"]
+        with _Step("attach idmapped lower", where):
+            linux.attach_mount(plan["_lower_fd"], where)
+        lower = (where,)
     with _Step("mount rootfs", root):
         if upper is None:
             # Read-only: a bind of the lower directory (not recursive: no host submounts), then ro.
@@ -475,12 +487,24 @@ class Launcher:
         plan = request["plan"]
         guard = _read_host_sysctls(plan) if request["op"] == "launch" else {}
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        userns: tuple[int, int] | None = None
+        if request["op"] == "launch" and plan.get("uid_map"):
+            try:
+                userns = _user_namespace(plan)
+            except StepError as error:
+                os.close(status_r)
+                os.close(status_w)
+                for fd in fds:
+                    os.close(fd)
+                self.send({"op": "failed", "id": request["id"], **error.to_message()})
+                return
+            plan = {**plan, "_userns_fd": userns[0], "_lower_fd": userns[1]}
         pid = os.fork()
         if pid == 0:
             os.close(status_r)
             _child(request["op"], plan, status_w, fds)
         os.close(status_w)
-        for fd in fds:
+        for fd in [*fds, *(userns or ())]:
             os.close(fd)
         self.first_children.add(pid)
         os.set_blocking(status_r, False)
@@ -557,6 +581,47 @@ class Launcher:
             self.send({"op": "exited", "pid": pid, "code": None, "signal": os.WTERMSIG(status)})
         else:
             self.send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status), "signal": None})
+
+
+def _user_namespace(plan: dict[str, Any]) -> tuple[int, int]:
+    """A user namespace with the plan's maps, and an idmapped clone of the lower directory for it.
+
+    A short-lived child creates the namespace; the launcher (CAP_SETUID/SETGID and CAP_SYS_ADMIN in the
+    init namespace) writes its maps and makes the idmapped mount, which only the init namespace may do.
+    The service's first child then joins the namespace (setns) and pid 1 attaches the mount as its
+    overlay's lower layer, so that root inside owns what host root owns and can write through the overlay.
+    """
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+    holder = os.fork()
+    if holder == 0:  # holds the namespace until the launcher has a descriptor of it
+        try:
+            os.close(hold_w)
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise StepError("user namespace", None, "", "could not create a user namespace")
+        for name, entries in (("uid_map", plan["uid_map"]), ("gid_map", plan["gid_map"])):
+            with _Step(f"write {name}", f"/proc/{holder}/{name}"):
+                linux.write_file(f"/proc/{holder}/{name}", "".join(f"{a} {b} {c}\n" for a, b, c in entries))
+        with _Step("open user namespace", f"/proc/{holder}/ns/user"):
+            userns_fd = os.open(f"/proc/{holder}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        lower = plan["rootfs_lower"][0]
+        with _Step("idmapped mount", lower):
+            tree = linux.open_tree(lower, linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC)
+            linux.mount_setattr("", linux.MOUNT_ATTR_IDMAP, flags=linux.AT_EMPTY_PATH, dfd=tree, userns_fd=userns_fd)
+        return userns_fd, tree
+    finally:
+        os.close(ready_r)
+        os.close(hold_w)  # the holder exits; the namespace lives on through userns_fd
+        os.waitpid(holder, 0)
 
 
 def _read_host_sysctls(plan: dict[str, Any]) -> dict[str, str | None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stackd.runtime.cgroups import CgroupMounts
-from stackd.runtime.paths import StackPaths
+from stackd.runtime.paths import StackPaths, short_hash
 from stackd.spec.capabilities import CAPABILITIES, effective_capabilities
 from stackd.spec.models import Service
 
@@ -129,6 +129,11 @@ class LaunchPlan:
     init: str | None = None
     #: Written to /proc/self/timens_offsets of a new time namespace: ("monotonic", secs, nanosecs).
     time_offsets: tuple[tuple[str, int, int], ...] = ()
+    #: A private user namespace: (inside, host, count) entries; the lower dir is idmapped to match and
+    #: attached at rootfs_idmapped_lower.
+    uid_map: tuple[tuple[int, int, int], ...] = ()
+    gid_map: tuple[tuple[int, int, int], ...] = ()
+    rootfs_idmapped_lower: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
@@ -159,6 +164,9 @@ def build_plan(
     `extra_binds` are files stackd keeps for the service (/etc/hosts, /etc/resolv.conf, ...).
     """
     namespaces = ["mount", "uts", "ipc", "pid", "cgroup"]
+    private_users = service.userns_mode == "private"
+    if private_users:
+        namespaces.insert(0, "user")
     if service.time_offsets:
         namespaces.append("time")
     mode = service.network_mode.kind
@@ -175,6 +183,9 @@ def build_plan(
     mounts: list[Mount] = []
     if on_host_root:
         mounts += _host_privacy_mounts(paths, host_secret_files)
+    if private_users:  # v1 hierarchies cannot be mounted from a user namespace; cgroup2 can
+        cgroup_mounts = [m for m in cgroup_mounts if m.fstype == "cgroup2"]
+        cgroup_mounts = [Mount("/sys/fs/cgroup", m.fstype, m.source, m.flags) for m in cgroup_mounts[:1]]
     mounts += _kernel_mounts(cgroup_mounts)
     if init_binary:
         mounts.append(Mount("/dev/init", "bind", init_binary, ("ro", "nosuid", "nodev"), create="file"))
@@ -184,7 +195,10 @@ def build_plan(
     sysctls: list[tuple[str, str]] = []
     if mode in ("bridge", "none"):
         user_keys = {"/".join(s.parts) for s in service.sysctls}
-        sysctls += [(key, value) for key, value in NETNS_DEFAULT_SYSCTLS if key not in user_keys]
+        defaults = dict(NETNS_DEFAULT_SYSCTLS)
+        if private_users:  # the group range must be mapped in the service's user namespace
+            defaults["net/ipv4/ping_group_range"] = f"0 {USERNS_SIZE - 1}"
+        sysctls += [(key, value) for key, value in defaults.items() if key not in user_keys]
     sysctls += [("/".join(s.parts), s.value) for s in service.sysctls]
 
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": service.hostname}
@@ -219,7 +233,19 @@ def build_plan(
         cgroup_procs=tuple(str(path) for path in cgroup_procs),
         init=init_binary if service.init else None,
         time_offsets=tuple(_split_seconds(clock, seconds) for clock, seconds in service.time_offsets.items()),
+        uid_map=((0, userns_base(project, service.name), USERNS_SIZE),) if private_users else (),
+        gid_map=((0, userns_base(project, service.name), USERNS_SIZE),) if private_users else (),
+        rootfs_idmapped_lower=str(paths.service(service.name) / "lower") if private_users else None,
     )
+
+
+USERNS_SIZE = 65536
+
+
+def userns_base(project: str, service: str) -> int:
+    """The first host uid/gid of a service's private user namespace: stable for (project, service), so
+    the owners of files in its writable layer survive restarts; far above ordinary and subuid ranges."""
+    return 1_000_000_000 + int(short_hash(project, service), 16) % 32768 * USERNS_SIZE
 
 
 def exec_plan(

@@ -220,6 +220,8 @@ class Service:
     labels: Mapping[str, str] = field(default_factory=frozen_map)  # type: ignore[arg-type]
     #: Clock offsets in seconds ("monotonic", "boottime"); a non-empty table gives a time namespace.
     time_offsets: Mapping[str, float] = field(default_factory=frozen_map)  # type: ignore[arg-type]
+    #: "host": the host's users; "private": a user namespace, root inside = an unprivileged host range.
+    userns_mode: Literal["host", "private"] = "host"
 
     @property
     def argv(self) -> tuple[str, ...]:

@@ -246,6 +246,10 @@ def _service_schema() -> dict[str, Any]:
             "additionalProperties": False,
         },
         "labels": _KEY_VALUES,
+        "userns_mode": {
+            "enum": ["host", "private"],
+            "description": '"private": a user namespace; root inside is an unprivileged host range.',
+        },
         "time_offsets": {
             "type": "object",
             "properties": {"monotonic": {"type": ["string", "number"]}, "boottime": {"type": ["string", "number"]}},

@@ -95,6 +95,8 @@ def _service(service: Service) -> dict[str, Any]:
         }
     if service.labels:
         out["labels"] = dict(service.labels)
+    if service.userns_mode != "host":
+        out["userns_mode"] = service.userns_mode
     if service.time_offsets:
         out["time_offsets"] = {
             clock: ("-" if seconds < 0 else "") + format_duration(abs(seconds))

@@ -315,6 +315,13 @@ def _network_mode(value: object, ctx: Context) -> NetworkMode:
     raise Invalid(f'{show(text)} is not a network mode (allowed: "bridge", "none", "host", "service:NAME")')
 
 
+def _userns_mode(value: object, ctx: Context) -> str:
+    """ "host" (the default, Compose's only value) or "private": root inside maps to an unprivileged range."""
+    if value not in ("host", "private"):
+        raise Invalid(f'{show(value)} is not a user namespace mode (allowed: "host", "private")')
+    return value
+
+
 _CLOCKS = ("monotonic", "boottime")
 
 
@@ -381,6 +388,7 @@ SERVICE_KEYS: dict[str, Key] = {
     "healthcheck": Key(healthcheck, "healthcheck"),
     "labels": Key(_labels, "labels"),
     "time_offsets": Key(_time_offsets, "time_offsets"),
+    "userns_mode": Key(_userns_mode, "userns_mode"),
 }
 
 #: Compose keys a user may bring along, with what to do instead.
