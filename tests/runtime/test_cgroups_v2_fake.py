@@ -356,14 +356,17 @@ def test_add_pid_writes_every_procs_file(driver: CgroupV2Driver, v2_root: Path) 
     assert text(v2_root / "stackd/p/s/cgroup.procs") == "4321"
 
 
-def test_remove_leaves_stackd_dir(driver: CgroupV2Driver, v2_root: Path) -> None:
+def test_the_shared_parent_goes_with_the_last_project(driver: CgroupV2Driver, v2_root: Path) -> None:
     a = driver.create("p", "a", CgroupLimits())
     b = driver.create("p", "b", CgroupLimits())
     a.remove()
     assert (v2_root / "stackd/p").is_dir()  # b still lives there
+    c = driver.create("q", "c", CgroupLimits())
     b.remove()
     assert not (v2_root / "stackd/p").exists()
-    assert (v2_root / "stackd").is_dir()
+    assert (v2_root / "stackd").is_dir()  # project q still lives there
+    c.remove()
+    assert not (v2_root / "stackd").exists()  # the last project takes the shared parent with it
     b.remove()  # already gone: fine
 
 

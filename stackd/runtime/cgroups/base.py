@@ -715,6 +715,7 @@ def _rmdir_project(fs: CgroupFs, path: Path, deadline: float) -> None:
             return  # other services of the project still live here
         try:
             fs.rmdir(path)
+            _rmdir_parent_if_unused(fs, path.parent)
             return
         except FileNotFoundError:
             return
@@ -724,6 +725,18 @@ def _rmdir_project(fs: CgroupFs, path: Path, deadline: float) -> None:
                 raise CgroupFileError("rmdir", path, err) from exc
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def _rmdir_parent_if_unused(fs: CgroupFs, parent: Path) -> None:
+    """Remove `<root>/stackd` once no project is left in it, so a host without stacks shows no trace.
+
+    Best effort: another project's cgroup (or one being created) keeps it, and the kernel refuses."""
+    if parent.name != PARENT or _has_subdirs(parent):
+        return
+    try:
+        fs.rmdir(parent)
+    except OSError:
+        pass  # in use again, or already gone
 
 
 def remove_cgroup_paths(paths: Iterable[Path | str], *, timeout: float = 5.0, fs: CgroupFs = REAL_FS) -> None:
