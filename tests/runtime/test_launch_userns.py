@@ -82,3 +82,31 @@ async def test_without_userns_mode_the_service_shares_the_hosts_users(state_dir:
         stack_toml(command=["readlink", "/proc/self/ns/user"]), tmp_path=state_dir, project=project
     )
     assert result.lines == [os.readlink("/proc/self/ns/user")]
+
+
+async def test_exec_joins_the_private_user_namespace(state_dir: Path, project: str) -> None:
+    import os as _os
+
+    from stackd.runtime.plan import exec_plan
+
+    toml = stack_toml(command=sh("touch /etc/from-service; sleep 30"), userns_mode="private")
+    async with started(toml, tmp_path=state_dir, project=project) as running:
+        await anyio.sleep(0.3)
+        read, write = _os.pipe2(_os.O_CLOEXEC)
+        try:
+            plan = exec_plan(
+                running.instance.plan,
+                running.pid,
+                ["sh", "-c", "id -u; stat -c %u /etc/from-service; readlink /proc/self/ns/user"],
+            )
+            pid = await running.launcher.exec(plan, stdout=write, stderr=write)
+        finally:
+            _os.close(write)
+        with anyio.fail_after(10):
+            exit = await running.launcher.wait(pid)
+        output = _os.read(read, 65536).decode().split()
+        _os.close(read)
+        service_userns = _os.readlink(f"/proc/{running.pid}/ns/user")
+        running.instance.cgroup.kill()
+    assert exit.code == 0, output
+    assert output == ["0", "0", service_userns]
