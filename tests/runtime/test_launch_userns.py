@@ -14,7 +14,7 @@ import anyio
 import pytest
 from launchkit import new_project, run_service, sh, stack_toml, started
 
-from stackd.runtime.plan import USERNS_SIZE, userns_base
+from stackd.runtime.plan import USERNS_SIZE, exec_plan, userns_base
 from stackd.testing.leaks import LeakGuard
 
 
@@ -85,14 +85,10 @@ async def test_without_userns_mode_the_service_shares_the_hosts_users(state_dir:
 
 
 async def test_exec_joins_the_private_user_namespace(state_dir: Path, project: str) -> None:
-    import os as _os
-
-    from stackd.runtime.plan import exec_plan
-
     toml = stack_toml(command=sh("touch /etc/from-service; sleep 30"), userns_mode="private")
     async with started(toml, tmp_path=state_dir, project=project) as running:
         await anyio.sleep(0.3)
-        read, write = _os.pipe2(_os.O_CLOEXEC)
+        read, write = os.pipe2(os.O_CLOEXEC)
         try:
             plan = exec_plan(
                 running.instance.plan,
@@ -101,12 +97,12 @@ async def test_exec_joins_the_private_user_namespace(state_dir: Path, project: s
             )
             pid = await running.launcher.exec(plan, stdout=write, stderr=write)
         finally:
-            _os.close(write)
+            os.close(write)
         with anyio.fail_after(10):
             exit = await running.launcher.wait(pid)
-        output = _os.read(read, 65536).decode().split()
-        _os.close(read)
-        service_userns = _os.readlink(f"/proc/{running.pid}/ns/user")
+        output = os.read(read, 65536).decode().split()
+        os.close(read)
+        service_userns = os.readlink(f"/proc/{running.pid}/ns/user")
         running.instance.cgroup.kill()
     assert exit.code == 0, output
     assert output == ["0", "0", service_userns]
