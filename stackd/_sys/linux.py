@@ -52,6 +52,11 @@ __all__ = [
     "CLONE_NEWUTS",
     "CLOSE_RANGE_CLOEXEC",
     "CLOSE_RANGE_UNSHARE",
+    "FSCONFIG_CMD_CREATE",
+    "FSCONFIG_SET_FLAG",
+    "FSCONFIG_SET_STRING",
+    "FSMOUNT_CLOEXEC",
+    "FSOPEN_CLOEXEC",
     "MNT_DETACH",
     "MNT_EXPIRE",
     "MNT_FORCE",
@@ -139,6 +144,9 @@ __all__ = [
     "attach_mount",
     "audit_arch",
     "close_range",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
     "get_child_subreaper",
     "get_keepcaps",
     "get_no_new_privs",
@@ -238,6 +246,13 @@ MOVE_MOUNT_T_SYMLINKS = 0x10
 MOVE_MOUNT_T_AUTOMOUNTS = 0x20
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
+# <linux/mount.h>: the filesystem context API, fsopen(2) -> fsconfig(2) -> fsmount(2)
+FSOPEN_CLOEXEC = 0x00000001
+FSMOUNT_CLOEXEC = 0x00000001
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
 # <linux/close_range.h>
 CLOSE_RANGE_UNSHARE = 1 << 1
 CLOSE_RANGE_CLOEXEC = 1 << 2
@@ -304,6 +319,9 @@ _SYSCALL_TABLES: dict[str, dict[str, int]] = {
         "seccomp": 317,
         "open_tree": 428,
         "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
         "close_range": 436,
         "mount_setattr": 442,
     },
@@ -312,6 +330,9 @@ _SYSCALL_TABLES: dict[str, dict[str, int]] = {
         "seccomp": 277,
         "open_tree": 428,
         "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
         "close_range": 436,
         "mount_setattr": 442,
     },
@@ -552,6 +573,39 @@ def move_mount(from_dfd: int, from_path: _Path, to_dfd: int, to_path: _Path, fla
 def attach_mount(fd: int, target: _Path) -> None:
     """Attach the detached mount `fd` (from open_tree with OPEN_TREE_CLONE) at `target`."""
     move_mount(fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)
+
+
+def fsopen(fstype: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    """fsopen(2) (Linux 5.2+): a filesystem context for a new superblock of `fstype`, to configure with
+    fsconfig() and turn into a detached mount with fsmount()."""
+    fd = _raw_syscall("fsopen", fstype.encode(), ctypes.c_uint(flags))
+    if fd < 0:
+        raise _error(ctypes.get_errno(), hint=f"fsopen {fstype}")
+    return fd
+
+
+def fsconfig(fd: int, cmd: int, key: str | None = None, value: str | None = None, aux: int = 0) -> None:
+    """fsconfig(2): set a parameter of the filesystem context `fd` (FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING)
+    or create its superblock (FSCONFIG_CMD_CREATE)."""
+    ret = _raw_syscall(
+        "fsconfig",
+        ctypes.c_int(fd),
+        ctypes.c_uint(cmd),
+        None if key is None else key.encode(),
+        None if value is None else value.encode(),
+        ctypes.c_int(aux),
+    )
+    if ret != 0:
+        raise _error(ctypes.get_errno(), hint=f"fsconfig {key or cmd}")
+
+
+def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    """fsmount(2): a detached mount (MOUNT_ATTR_* `attr_flags`) of the superblock created in the
+    filesystem context `fd`; attach it with attach_mount()."""
+    mount_fd = _raw_syscall("fsmount", ctypes.c_int(fd), ctypes.c_uint(flags), ctypes.c_uint(attr_flags))
+    if mount_fd < 0:
+        raise _error(ctypes.get_errno(), hint="fsmount")
+    return mount_fd
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ Knows one service and nothing of the stack graph (design.md §2).
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
 import signal
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,28 @@ class Instance:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+def _let_mapped_root_search(service: str, paths: StackPaths) -> None:
+    """Root of a private user namespace (an unprivileged host uid) mounts the service's root itself, so
+    it must be able to search every directory above the writable layer, as runc requires of a bundle.
+    stackd's own directories (the state directory and below) get search permission for others (never
+    read); a directory above them that denies it is an error that says which, before anything starts."""
+    own = paths.service(service)
+    for directory in (own, own.parent, paths.state, paths.state_root):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+    for directory in paths.state_root.parents:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            raise LaunchError(
+                service,
+                "user namespace",
+                errno=errno.EACCES,
+                path=str(directory),
+                detail='userns_mode = "private" needs the state directory\'s parents searchable by others'
+                " (chmod o+x), so that root of the service's user namespace can reach its writable layer",
+            )
+
+
 def prepare(
     service: Service,
     *,
@@ -141,6 +165,12 @@ def prepare(
         if service.userns_mode == "private":  # root of the user namespace owns its writable layer
             base = userns_base(project, service.name)
             os.chown(directory, base, base)
+    if service.userns_mode == "private":
+        try:
+            _let_mapped_root_search(service.name, paths)
+        except BaseException:
+            shutil.rmtree(paths.service(service.name), ignore_errors=True)
+            raise
     cgroup = facts.driver.create(project, service.name, cgroup_limits(service))
     try:
         bpf = None

@@ -47,6 +47,16 @@ _NAMESPACE_FLAGS = {
     "cgroup": linux.CLONE_NEWCGROUP,
     "time": linux.CLONE_NEWTIME,
 }
+#: The same names as MOUNT_ATTR_* bits, for the detached mounts made before the namespaces.
+_MOUNT_ATTRS = {
+    "ro": linux.MOUNT_ATTR_RDONLY,
+    "nosuid": linux.MOUNT_ATTR_NOSUID,
+    "nodev": linux.MOUNT_ATTR_NODEV,
+    "noexec": linux.MOUNT_ATTR_NOEXEC,
+    "strictatime": linux.MOUNT_ATTR_STRICTATIME,
+    "relatime": linux.MOUNT_ATTR_RELATIME,
+    "noatime": linux.MOUNT_ATTR_NOATIME,
+}
 _MOUNT_FLAGS = {
     "ro": linux.MS_RDONLY,
     "nosuid": linux.MS_NOSUID,
@@ -108,7 +118,18 @@ def _stage_one(plan: dict[str, Any], status_fd: int, stdout_fd: int, stderr_fd: 
     if plan["join_netns"]:
         with _Step("join network namespace", plan["join_netns"]):
             linux.setns_path(plan["join_netns"], linux.CLONE_NEWNET)
-    if plan.get("_userns_fd") is not None:
+    private_users = plan.get("_userns_fd") is not None
+    # Still host root in the host's namespaces: copy what the service binds from the host now.
+    plan = {**plan, "_trees": _detached_mounts(plan, private_users)}
+    if private_users and plan["join_netns"]:
+        # A joined network namespace belongs to another user namespace: root inside could not write
+        # its sysctls, so they are written here, in it, before the user namespace is joined.
+        for key, value in plan["sysctls"]:
+            if key.startswith("net/"):
+                with _Step(f"sysctl {key.replace('/', '.')}", "/proc/sys/" + key):
+                    linux.write_file("/proc/sys/" + key, value)
+        plan["sysctls"] = [(key, value) for key, value in plan["sysctls"] if not key.startswith("net/")]
+    if private_users:
         # The other namespaces are created from inside it, so that they belong to it.
         with _Step("join user namespace"):
             linux.setns(plan["_userns_fd"], linux.CLONE_NEWUSER)
@@ -172,8 +193,8 @@ def _stage_two(plan: dict[str, Any], stdout_fd: int, stderr_fd: int) -> None:
     root = plan["rootfs_mountpoint"]
     _mount_rootfs(plan, root)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    for mount in plan["mounts"]:
-        _mount_one(root_fd, root, mount)
+    for mount, tree in zip(plan["mounts"], plan["_trees"], strict=True):
+        _mount_one(root_fd, root, mount, tree)
     for path in plan["masked_paths"]:
         _mask(root_fd, path)
     os.close(root_fd)
@@ -269,38 +290,70 @@ def _mount_rootfs(plan: dict[str, Any], root: str) -> None:
             linux.mount("overlay", root, "overlay", linux.MS_NODEV, data)
 
 
-def _mount_one(root_fd: int, root: str, mount: dict[str, Any]) -> None:
+def _detached_mounts(plan: dict[str, Any], private_users: bool) -> list[int | None]:
+    """Detached mounts, one per entry of plan["mounts"] (None where pid 1 mounts a new filesystem itself).
+
+    Made in stage one, as host root in the host's user and mount namespaces, for what must come from
+    there: every bind (open_tree clone of the source, so that root of a private user namespace may bind
+    a file below a directory it could not search, and with its flags and private propagation already
+    set), and, in a private user namespace that does not own the network namespace (network_mode host, a
+    joined namespace), a sysfs, which only an owner of the network namespace may mount. Pid 1 attaches
+    them with move_mount; they are close-on-exec.
+    """
+    own_net = "net" in plan["namespaces"]
+    trees: list[int | None] = []
+    for mount in plan["mounts"]:
+        target, fstype, source = mount["target"], mount["fstype"], mount["source"]
+        attrs = 0
+        for name in mount["flags"]:
+            attrs |= _MOUNT_ATTRS.get(name, 0)
+        clear = linux.MOUNT_ATTR__ATIME if {"strictatime", "relatime", "noatime"} & set(mount["flags"]) else 0
+        tree = None
+        if fstype == "bind":
+            with _Step(f"mount {target}", target):
+                if not os.path.exists(source):
+                    raise StepError(
+                        f"mount {target}",
+                        FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)),
+                        target,
+                        f"the bind source {source} does not exist",
+                    )
+                recursive = linux.AT_RECURSIVE if "rec" in mount["flags"] else 0
+                tree = linux.open_tree(source, linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | recursive)
+                # A clone of a shared mount stays its peer: make it private, as the rest of the service's mounts.
+                linux.mount_setattr("", attrs, clear, linux.MS_PRIVATE, flags=linux.AT_EMPTY_PATH | recursive, dfd=tree)
+        elif fstype == "sysfs" and private_users and not own_net:
+            with _Step(f"mount {target}", target):
+                context = linux.fsopen("sysfs")
+                try:
+                    linux.fsconfig(context, linux.FSCONFIG_CMD_CREATE)
+                    tree = linux.fsmount(context, linux.FSMOUNT_CLOEXEC, attrs)
+                finally:
+                    os.close(context)
+        trees.append(tree)
+    return trees
+
+
+def _mount_one(root_fd: int, root: str, mount: dict[str, Any], tree: int | None) -> None:
     target, fstype, source = mount["target"], mount["fstype"], mount["source"]
     flags = 0
     for name in mount["flags"]:
         flags |= _MOUNT_FLAGS[name]
     create = mount["create"]
     if create == "auto":
-        create = "dir" if os.path.isdir(source) else "file"
+        create = "dir" if tree is not None and stat.S_ISDIR(os.fstat(tree).st_mode) else "file"
     with _Step(f"mount {target}", target):
-        if fstype == "bind" and not os.path.exists(source):
-            raise StepError(
-                f"mount {target}",
-                FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)),
-                target,
-                f"the bind source {source} does not exist",
-            )
         fd = open_in_root(root_fd, target, create=create)
         if fd is None:
+            if tree is not None:
+                os.close(tree)
             return
         where = f"/proc/self/fd/{fd}"
         try:
-            if fstype == "bind":
-                linux.mount(source, where, None, linux.MS_BIND | (flags & linux.MS_REC))
-                remount = flags & ~linux.MS_REC
-                if remount:
-                    # The fd still names what lies under the new mount: reopen to reach the mount itself.
-                    top = open_in_root(root_fd, target)
-                    assert top is not None
-                    try:
-                        linux.mount(None, f"/proc/self/fd/{top}", None, linux.MS_BIND | linux.MS_REMOUNT | remount)
-                    finally:
-                        os.close(top)
+            if tree is not None:
+                # A bind (or sysfs) made in stage one, flags set: attach it. Then the mount lives on alone.
+                linux.move_mount(tree, "", fd, "", linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_EMPTY_PATH)
+                os.close(tree)
             else:
                 linux.mount(source or fstype, where, fstype, flags, mount["data"] or None)
         finally:
@@ -586,10 +639,12 @@ class Launcher:
 def _user_namespace(plan: dict[str, Any]) -> tuple[int, int]:
     """A user namespace with the plan's maps, and an idmapped clone of the lower directory for it.
 
-    A short-lived child creates the namespace; the launcher (CAP_SETUID/SETGID and CAP_SYS_ADMIN in the
-    init namespace) writes its maps and makes the idmapped mount, which only the init namespace may do.
-    The service's first child then joins the namespace (setns) and pid 1 attaches the mount as its
-    overlay's lower layer, so that root inside owns what host root owns and can write through the overlay.
+    A short-lived child (the holder) creates the namespace and waits; the launcher, which holds
+    CAP_SETUID/CAP_SETGID and CAP_SYS_ADMIN in the initial user namespace, writes its maps and makes the
+    idmapped mount: only a process privileged over the filesystem's own user namespace may idmap a
+    mount, so root of the new namespace could not. The service's first child then joins the namespace
+    (setns) before it creates the others, so that they belong to it, and pid 1 attaches the mount as its
+    overlay's lower layer: root inside owns what host root owns and writes through the overlay.
     """
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
@@ -598,16 +653,23 @@ def _user_namespace(plan: dict[str, Any]) -> tuple[int, int]:
         try:
             os.close(hold_w)
             os.close(ready_r)
-            linux.unshare(linux.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            os.read(hold_r, 1)
+            try:
+                linux.unshare(linux.CLONE_NEWUSER)
+            except OSError as error:
+                os.write(ready_w, str(error.errno or errno.EINVAL).encode())
+            else:
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)
         finally:
             os._exit(0)
     os.close(ready_w)
     os.close(hold_r)
+    userns_fd = tree = -1
     try:
-        if os.read(ready_r, 1) != b"u":
-            raise StepError("user namespace", None, "", "could not create a user namespace")
+        answer = os.read(ready_r, 16)
+        if answer != b"u":
+            code = int(answer) if answer.isdigit() else errno.EIO
+            raise StepError("create user namespace", OSError(code, os.strerror(code)))
         for name, entries in (("uid_map", plan["uid_map"]), ("gid_map", plan["gid_map"])):
             with _Step(f"write {name}", f"/proc/{holder}/{name}"):
                 linux.write_file(f"/proc/{holder}/{name}", "".join(f"{a} {b} {c}\n" for a, b, c in entries))
@@ -616,8 +678,20 @@ def _user_namespace(plan: dict[str, Any]) -> tuple[int, int]:
         lower = plan["rootfs_lower"][0]
         with _Step("idmapped mount", lower):
             tree = linux.open_tree(lower, linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC)
-            linux.mount_setattr("", linux.MOUNT_ATTR_IDMAP, flags=linux.AT_EMPTY_PATH, dfd=tree, userns_fd=userns_fd)
+            linux.mount_setattr(
+                "",
+                linux.MOUNT_ATTR_IDMAP,
+                propagation=linux.MS_PRIVATE,  # a clone of a shared mount ("/" under systemd) stays its peer
+                flags=linux.AT_EMPTY_PATH,
+                dfd=tree,
+                userns_fd=userns_fd,
+            )
         return userns_fd, tree
+    except BaseException:
+        for fd in (userns_fd, tree):
+            if fd >= 0:
+                os.close(fd)
+        raise
     finally:
         os.close(ready_r)
         os.close(hold_w)  # the holder exits; the namespace lives on through userns_fd

@@ -183,9 +183,6 @@ def build_plan(
     mounts: list[Mount] = []
     if on_host_root:
         mounts += _host_privacy_mounts(paths, host_secret_files)
-    if private_users:  # v1 hierarchies cannot be mounted from a user namespace; cgroup2 can
-        cgroup_mounts = [m for m in cgroup_mounts if m.fstype == "cgroup2"]
-        cgroup_mounts = [Mount("/sys/fs/cgroup", m.fstype, m.source, m.flags) for m in cgroup_mounts[:1]]
     mounts += _kernel_mounts(cgroup_mounts)
     if init_binary:
         mounts.append(Mount("/dev/init", "bind", init_binary, ("ro", "nosuid", "nodev"), create="file"))
