@@ -1,0 +1,60 @@
+"""Kernel names and places of a stack's network: the bridge, the host ends of the veths, the netns pins.
+
+Interface names have a 15-byte limit (IFNAMSIZ - 1), so they are short hashes (design.md §4):
+
+    bridge_name("shop")        -> "sd-1a2b3c4d"      (sd- and 8 hex digits: 11 bytes)
+    veth_name("shop", "db")    -> "sd0f1e2d3c4b5a"   (sd and 12 hex digits: 14 bytes)
+
+A bridge name has a dash and a veth name has none, so the two can never collide; both start with "sd"
+(what the leak check and an operator look for). The peer inside every namespace is `eth0`.
+
+A service's network namespace is pinned (bind-mounted) at `<state>/netns/<service>`, under the
+project's state directory, so that it lives without any process in it and `stackd down` can find it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stackd.runtime.paths import StackPaths, short_hash
+
+__all__ = [
+    "IFNAMSIZ",
+    "INNER_IFNAME",
+    "bridge_name",
+    "names_dir",
+    "netns_dir",
+    "netns_path",
+    "veth_name",
+]
+
+#: The kernel's interface name limit, including the terminating NUL.
+IFNAMSIZ = 16
+#: The name of the service's end of its veth pair, inside its namespace.
+INNER_IFNAME = "eth0"
+
+
+def bridge_name(project: str) -> str:
+    """The stack's bridge: "sd-" and 8 hex digits of a hash of the project."""
+    return "sd-" + short_hash("bridge", project, length=8)
+
+
+def veth_name(project: str, service: str) -> str:
+    """The host end of a service's veth pair: "sd" and 12 hex digits of a hash of project and service."""
+    return "sd" + short_hash("veth", project, service, length=12)
+
+
+def netns_dir(paths: StackPaths) -> Path:
+    """Where the stack's network namespaces are pinned."""
+    return paths.state / "netns"
+
+
+def netns_path(paths: StackPaths, service: str) -> Path:
+    """The pin of a service's network namespace. A `network_mode = "service:NAME"` service joins
+    NAME's pin (pass it to build_plan as `join_netns`)."""
+    return netns_dir(paths) / service
+
+
+def names_dir(paths: StackPaths) -> Path:
+    """Where the stack's /etc/hosts and /etc/resolv.conf are kept (bind-mounted into every service)."""
+    return paths.state / "network"
