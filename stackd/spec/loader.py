@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_FILENAMES", "find_stack_file", "load_stack", "parse_stack"]
 
 DEFAULT_FILENAMES = ("stack.toml", "stackd.toml")
 TOP_LEVEL_KEYS = ("name", "network", "services")
-NETWORK_KEYS = ("subnet",)
+NETWORK_KEYS = ("subnet", "outbound")
 _UNSUPPORTED_TOP_LEVEL = {
     "volumes": "named volumes are not supported: bind directories with a service's volumes",
     "networks": "each stack has exactly one network: configure it under [network]",
@@ -176,6 +176,7 @@ def _build_stack(
         # Cross-service checks run on the services that parsed, naming the others as known.
         _check_dependencies(services, set(raw_services or ()), ctx)
         _check_ports(services, ctx)
+        _check_aliases(services, ctx)
         if network is not None and network.subnet:
             _check_subnet_size(network.subnet, services, ctx)
     if name is None or network is None or services is None or ctx.findings.problems:
@@ -205,12 +206,18 @@ def _network(raw: object, ctx: Context) -> Network | None:
         return None
     for key in raw:
         if key not in NETWORK_KEYS and not key.startswith("x-"):
-            ctx.at(key).problem(f'unknown key "{key}"{did_you_mean(key, NETWORK_KEYS)} (allowed: subnet)')
+            ctx.at(key).problem(
+                f'unknown key "{key}"{did_you_mean(key, NETWORK_KEYS)} (allowed: {", ".join(NETWORK_KEYS)})'
+            )
+    outbound = raw.get("outbound", False)
+    if not isinstance(outbound, bool):
+        ctx.at("outbound").problem(f"expected true or false, got {type_name(outbound)}")
+        return None
     subnet = raw.get("subnet")
     if subnet is None:
-        return Network()
+        return Network(outbound=outbound)
     checked = ctx.at("subnet").attempt(_subnet, subnet)
-    return Network(checked) if checked else None
+    return Network(checked, outbound) if checked else None
 
 
 def _subnet(value: object) -> str:
@@ -319,6 +326,19 @@ def _check_ports(services: dict[str, Service], ctx: Context) -> None:
                     )
                     break
             taken.append((port, name, index))
+
+
+def _check_aliases(services: dict[str, Service], ctx: Context) -> None:
+    """An alias names one service: not another service, not another service's alias."""
+    owner = {name: f"services.{name}" for name in services}
+    for name, service in services.items():
+        for index, alias in enumerate(service.aliases):
+            taken = owner.get(alias)
+            if taken is not None and taken != f"services.{name}":
+                ctx.at("services", name, "aliases", index).problem(
+                    f'"{alias}" already names {taken}: an alias must name one service only'
+                )
+            owner.setdefault(alias, f"services.{name}.aliases")
 
 
 def _ports_overlap(a: PortMapping, b: PortMapping) -> bool:

@@ -196,6 +196,10 @@ class Service:
     working_dir: str | None = None
     user: User | None = None
     hostname: str = ""
+    #: More names this service answers to on the stack's network (Compose's networks.*.aliases).
+    aliases: tuple[str, ...] = ()
+    #: More lines of the service's /etc/hosts: name -> IPv4 address (Compose's extra_hosts).
+    extra_hosts: Mapping[str, str] = field(default_factory=frozen_map)  # type: ignore[arg-type]
     rootfs: Rootfs = field(default_factory=Rootfs)
     volumes: tuple[Volume, ...] = ()
     tmpfs: tuple[Tmpfs, ...] = ()
@@ -231,9 +235,11 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Network:
-    """`[network]`: the stack's subnet (None: picked from a private pool when the stack comes up)."""
+    """`[network]`: the stack's subnet (None: picked from a private pool when the stack comes up), and
+    whether services may reach beyond the host (`outbound`: NAT through the host, off by default)."""
 
     subnet: str | None = None
+    outbound: bool = False
 
 
 @dataclass(frozen=True, slots=True)

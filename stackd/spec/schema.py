@@ -89,6 +89,18 @@ def _service_schema() -> dict[str, Any]:
             "maxLength": 64,
             "description": "Host name (default: the service name).",
         },
+        "aliases": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 64},
+            "description": "More names the service answers to on the stack's network.",
+        },
+        "extra_hosts": {
+            "oneOf": [
+                {"type": "array", "items": {"type": "string", "pattern": "^[^:=]+[:=].+$"}},
+                {"type": "object", "additionalProperties": {"type": "string"}},
+            ],
+            "description": 'More /etc/hosts lines: "name:1.2.3.4", or "name:host-gateway" for the host.',
+        },
         "rootfs": {"type": "string", "description": '"host" (default: the host, read-only) or a directory.'},
         "volumes": {
             "type": "array",
@@ -279,7 +291,13 @@ def stack_schema() -> dict[str, Any]:
             "version": {"description": "Obsolete, ignored (as in Compose)."},
             "network": {
                 "type": "object",
-                "properties": {"subnet": {"type": "string", "description": 'A private IPv4 subnet, "10.77.0.0/24".'}},
+                "properties": {
+                    "subnet": {"type": "string", "description": 'A private IPv4 subnet, "10.77.0.0/24".'},
+                    "outbound": {
+                        "type": "boolean",
+                        "description": "Let services reach beyond the host (NAT through the host; default false).",
+                    },
+                },
                 "patternProperties": {"^x-": {}},
                 "additionalProperties": False,
             },

@@ -18,8 +18,13 @@ __all__ = ["stack_to_dict"]
 def stack_to_dict(stack: Stack, services: list[str] | None = None) -> dict[str, Any]:
     """The resolved stack as TOML/JSON-ready data, optionally limited to some services."""
     document: dict[str, Any] = {"name": stack.name}
+    network: dict[str, Any] = {}
     if stack.network.subnet:
-        document["network"] = {"subnet": stack.network.subnet}
+        network["subnet"] = stack.network.subnet
+    if stack.network.outbound:
+        network["outbound"] = True
+    if network:
+        document["network"] = network
     document["services"] = {
         name: _service(service) for name, service in stack.services.items() if services is None or name in services
     }
@@ -40,6 +45,10 @@ def _service(service: Service) -> dict[str, Any]:
     if service.user is not None:
         out["user"] = str(service.user)
     out["hostname"] = service.hostname
+    if service.aliases:
+        out["aliases"] = list(service.aliases)
+    if service.extra_hosts:
+        out["extra_hosts"] = dict(service.extra_hosts)
     out["rootfs"] = str(service.rootfs)
     if service.volumes:
         out["volumes"] = [_volume(v) for v in service.volumes]

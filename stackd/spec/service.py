@@ -8,6 +8,7 @@ Every parser takes the raw TOML value and a Context and returns the model value,
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from collections.abc import Callable
@@ -152,6 +153,40 @@ def _hostname(value: object, ctx: Context) -> str:
             "63 characters, 64 in all)"
         )
     return name
+
+
+def _aliases(value: object, ctx: Context) -> tuple[str, ...]:
+    names = ctx.each(expect(value, list, "an array of host names"), _hostname)
+    return tuple(dict.fromkeys(names))
+
+
+def _extra_hosts(value: object, ctx: Context) -> dict[str, str]:
+    """Compose's `extra_hosts`: ["name:1.2.3.4", ...], ["name=1.2.3.4"] or { name = "1.2.3.4" }."""
+    if isinstance(value, list):
+        pairs: dict[str, object] = {}
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not re.match(r"^[^:=]+[:=].+$", item):
+                ctx.problem(f'expected "NAME:ADDRESS", got {show(item)}', (index,))
+                continue
+            name, _, address = re.split(r"([:=])", item, maxsplit=1)
+            pairs[name] = address.strip("[]")
+    else:
+        pairs = dict(expect(value, dict, 'a table { NAME = "ADDRESS" } or an array of "NAME:ADDRESS" strings'))
+    hosts: dict[str, str] = {}
+    for name, address in pairs.items():
+        if ctx.at(name).attempt(_hostname, name, ctx) is None:
+            continue
+        if not isinstance(address, str):
+            ctx.problem(f"expected an IP address, got {type_name(address)}", (name,))
+            continue
+        if address == "host-gateway":
+            hosts[name] = address  # the stack's gateway: the host as the service reaches it
+            continue
+        try:
+            hosts[name] = str(ipaddress.ip_address(address))
+        except ValueError:
+            ctx.problem(f'{show(address)} is not an IP address (or "host-gateway")', (name,))
+    return hosts
 
 
 def _rootfs(value: object, ctx: Context) -> Rootfs:
@@ -365,6 +400,8 @@ SERVICE_KEYS: dict[str, Key] = {
     "working_dir": Key(lambda v, c: working_dir_path(v), "working_dir"),
     "user": Key(_user, "user"),
     "hostname": Key(_hostname, "hostname"),
+    "aliases": Key(_aliases, "aliases"),
+    "extra_hosts": Key(_extra_hosts, "extra_hosts"),
     "rootfs": Key(_rootfs, "rootfs"),
     "volumes": Key(lambda v, c: c.each(expect(v, list, "an array of volumes"), volume), "volumes"),
     "tmpfs": Key(tmpfs_list, "tmpfs"),
@@ -399,7 +436,7 @@ UNSUPPORTED_SERVICE_KEYS: dict[str, str] = {
     "deploy": "use cpus, mem_limit, memswap_limit and pids_limit directly on the service",
     "privileged": "grant what the service needs with cap_add and security_opt",
     "networks": 'each stack has one network; use network_mode for "none", "host" or "service:NAME"',
-    "links": "not needed: every service resolves every other service of its stack by name",
+    "links": "not needed: every service resolves every other service of its stack by name (and its aliases)",
     "expose": "not needed: services reach every port of each other on the stack's network",
     "devices": "device nodes are not supported yet",
     "logging": "stackd keeps every service's log itself (see docs/stack-file.md)",
@@ -504,6 +541,7 @@ def _build_service(name: str, values: dict[str, Any]) -> Service:
         ports=tuple(values.pop("ports", ())),
         depends_on=frozen_map(values.pop("depends_on", {})),  # type: ignore[arg-type]
         labels=frozen_map(values.pop("labels", {})),  # type: ignore[arg-type]
+        extra_hosts=frozen_map(values.pop("extra_hosts", {})),  # type: ignore[arg-type]
         time_offsets=frozen_map(values.pop("time_offsets", {})),  # type: ignore[arg-type]
         **values,
     )

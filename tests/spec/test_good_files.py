@@ -335,7 +335,7 @@ def test_stack_to_dict_can_limit_the_services() -> None:
     document = stack_to_dict(stack, ["web", "db"])
     assert list(document["services"]) == ["db", "web"]
     assert document["name"] == "full-stack_1"
-    assert document["network"] == {"subnet": "172.20.8.0/22"}
+    assert document["network"] == {"subnet": "172.20.8.0/22", "outbound": True}
 
 
 def test_the_models_are_frozen() -> None:
