@@ -19,9 +19,10 @@ from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
 from stackd.spec import load_stack
 from stackd.spec.project import validate_project_name
+from stackd.supervisor.cleanup import remove_recorded
 from stackd.supervisor.router import LogRouter, TerminalPrinter
 from stackd.supervisor.stack import StackSupervisor
-from stackd.supervisor.state import StateRecord, remove_recorded
+from stackd.supervisor.state import StateRecord
 
 
 def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
@@ -178,7 +179,7 @@ def run_down(args: argparse.Namespace) -> int:
         if record is None:
             print(f"stopped {paths.project}")
             return 0
-    problems = remove_recorded(record)
+    problems = anyio.run(remove_recorded, record)
     for problem in problems:
         print(f"stackd: {problem}", file=sys.stderr)
     if problems:

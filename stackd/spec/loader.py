@@ -281,6 +281,10 @@ def _check_dependencies(services: dict[str, Service], names: set[str], ctx: Cont
             owner = service.network_mode.service or ""
             if owner not in names:
                 where.problem(f'unknown service "{owner}"{did_you_mean(owner, names)}', ("network_mode",))
+            elif owner in services and services[owner].network_mode.kind == "host":
+                where.problem(
+                    f'{owner} uses the host\'s network: write network_mode = "host" instead', ("network_mode",)
+                )
             elif owner != name and owner in services and (name, owner) not in via:
                 edges[name].append(owner)
                 via[name, owner] = "network_mode"

@@ -19,6 +19,7 @@ from stackd.errors import LaunchError
 from stackd.runtime.instance import HostFacts, Instance, prepare
 from stackd.runtime.launcher import Exit, Launcher
 from stackd.runtime.paths import StackPaths
+from stackd.runtime.plan import Mount
 from stackd.spec.models import Service
 from stackd.spec.signals import signal_number
 from stackd.supervisor.health import HealthWatcher, Probe
@@ -39,6 +40,12 @@ class ServicePipes(Protocol):
     def close_write_ends(self) -> None: ...
 
     async def wait(self) -> None: ...
+
+
+class ServiceNetwork(Protocol):
+    """What the stack's network gives a service (stackd.supervisor.network.StackNetworking)."""
+
+    def attachment(self, name: str) -> tuple[str | None, tuple[Mount, ...]]: ...
 
 
 class OutputSink(Protocol):
@@ -62,11 +69,13 @@ class ServiceRunner:
         output: OutputSink,
         emit: Emit,
         backoff: Backoff | None = None,
+        network: ServiceNetwork | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
         self._project, self._paths, self._facts = project, paths, facts
         self._launcher, self._record, self._output, self._emit = launcher, record, output, emit
+        self._network = network
         self.restart = RestartState(backoff or Backoff())
         self.state = "created"
         self.pid: int | None = None
@@ -182,7 +191,15 @@ class ServiceRunner:
             await anyio.to_thread.run_sync(self.instance.cgroup.kill)
 
     def _prepare(self) -> Instance:
-        return prepare(self.service, project=self._project, paths=self._paths, facts=self._facts)
+        join_netns, binds = self._network.attachment(self.name) if self._network else (None, ())
+        return prepare(
+            self.service,
+            project=self._project,
+            paths=self._paths,
+            facts=self._facts,
+            join_netns=join_netns,
+            extra_binds=binds,
+        )
 
     def _exited(self, exit: Exit) -> None:
         if self.last_exit is not None and self.last_exit.pid == exit.pid:

@@ -23,8 +23,10 @@ from stackd.runtime.launcher import Launcher
 from stackd.runtime.paths import StackPaths
 from stackd.spec.graph import needs, with_dependencies
 from stackd.spec.models import Stack
+from stackd.supervisor.cleanup import remove_recorded
+from stackd.supervisor.network import StackNetworking
 from stackd.supervisor.runner import Emit, OutputSink, ServiceRunner
-from stackd.supervisor.state import StateRecord, remove_recorded
+from stackd.supervisor.state import StateRecord
 
 __all__ = ["StackSupervisor"]
 
@@ -47,6 +49,7 @@ class StackSupervisor:
         self.record = record
         self._emit = emit
         facts = HostFacts.gather()
+        self.network = StackNetworking(stack, paths, record)
         self.runners = {
             name: ServiceRunner(
                 service,
@@ -57,6 +60,7 @@ class StackSupervisor:
                 record=record,
                 output=output,
                 emit=emit,
+                network=self.network,
             )
             for name, service in stack.services.items()
         }
@@ -77,7 +81,7 @@ class StackSupervisor:
                     f"project {stack.name} is already up (supervisor pid {previous.supervisor_pid}): "
                     f"stop it with `stackd down -p {stack.name}`"
                 )
-            remove_recorded(previous)  # what a dead supervisor left behind
+            await remove_recorded(previous)  # what a dead supervisor left behind
         source = str(stack.source.resolve()) if stack.source else ""
         record = StateRecord(paths, supervisor_pid=os.getpid(), stack_file=source)
         record.save()
@@ -91,7 +95,7 @@ class StackSupervisor:
                         await supervisor.down()
         finally:
             with anyio.CancelScope(shield=True):
-                problems = remove_recorded(record)
+                problems = await remove_recorded(record)
                 for problem in problems:
                     emit("cleanup-failed", "", problem=problem)
 
@@ -102,6 +106,7 @@ class StackSupervisor:
         if unknown:
             raise StackdError(f"no such service: {', '.join(unknown)} (services: {', '.join(self.stack.services)})")
         self._selected = with_dependencies(self.stack, names)
+        await self.network.attach(self._selected)
         async with anyio.create_task_group() as group:
             for name in self._selected:
                 group.start_soon(self._start_when_ready, name)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stackd.runtime.cgroups import remove_cgroup_paths
 from stackd.runtime.paths import StackPaths
 
-__all__ = ["StateRecord", "remove_recorded"]
+__all__ = ["StateRecord"]
 
 FORMAT = 1
 
@@ -50,6 +48,16 @@ class StateRecord:
         """Write down a resource before creating it."""
         self.resources.setdefault(kind, {})[name] = details
         self.save()
+
+    def add_all(self, kind: str, items: dict[str, dict[str, Any]]) -> None:
+        """Write down several resources of one kind, in one write."""
+        self.resources.setdefault(kind, {}).update(items)
+        self.save()
+
+    def forget_all(self, kinds: list[str]) -> None:
+        """Forget every resource of these kinds (after they were removed)."""
+        if any(self.resources.pop(kind, None) is not None for kind in list(kinds)):
+            self.save()
 
     def discard(self, kind: str, name: str) -> None:
         """Forget a resource after it was removed."""
@@ -87,24 +95,3 @@ class StateRecord:
             cmdline = Path(f"/proc/{self.supervisor_pid}/cmdline").read_bytes()
             return b"stackd" in cmdline
         return False
-
-
-def remove_recorded(record: StateRecord) -> list[str]:
-    """Remove every resource in `record`, services' processes first (through their cgroups), then the
-    record and the state directory. Tolerant of what is already gone. Returns what could not be removed."""
-    problems: list[str] = []
-    for name, details in list(record.resources.get("cgroup", {}).items()):
-        try:
-            remove_cgroup_paths([Path(p) for p in details["paths"]])
-            record.discard("cgroup", name)
-        except Exception as error:  # keep going: remove as much as possible
-            problems.append(f"cgroup of {name}: {error}")
-    for name, details in list(record.resources.get("dir", {}).items()):
-        shutil.rmtree(details["path"], ignore_errors=True)
-        if Path(details["path"]).exists():
-            problems.append(f"directory {details['path']} could not be removed")
-        else:
-            record.discard("dir", name)
-    if not problems:
-        shutil.rmtree(record.paths.state, ignore_errors=True)
-    return problems

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from stackd.runtime.network.names import link_prefixes as project_link_prefixes
+
 __all__ = [
     "DEFAULT_STATE_DIRS",
     "HostSnapshot",
@@ -484,6 +486,8 @@ class LeakGuard:
         """Restrict the report to resources of these projects and links with these name prefixes."""
         self.projects.update(projects)
         self.link_prefixes.update(link_prefixes)
+        for project in projects:  # stackd's link names are hashes: look for this project's
+            self.link_prefixes.update(project_link_prefixes(project))
 
     def leaks(self) -> Leaks:
         """What is new right now (no settling), with the tracked filter."""

@@ -3,10 +3,12 @@
 Interface names have a 15-byte limit (IFNAMSIZ - 1), so they are short hashes (design.md §4):
 
     bridge_name("shop")        -> "sd-1a2b3c4d"      (sd- and 8 hex digits: 11 bytes)
-    veth_name("shop", "db")    -> "sd0f1e2d3c4b5a"   (sd and 12 hex digits: 14 bytes)
+    veth_name("shop", "db")    -> "sd0f1e2d3c4b5a"   (sd, 4 hex digits of the project, 8 of the service)
 
 A bridge name has a dash and a veth name has none, so the two can never collide; both start with "sd"
-(what the leak check and an operator look for). The peer inside every namespace is `eth0`.
+(what the leak check and an operator look for); `link_prefixes(project)` are the beginnings of every
+link name of one project (the leak check uses them to look at one project's links only). The peer
+inside every namespace is `eth0`.
 
 A service's network namespace is pinned (bind-mounted) at `<state>/netns/<service>`, under the
 project's state directory, so that it lives without any process in it and `stackd down` can find it.
@@ -22,6 +24,7 @@ __all__ = [
     "IFNAMSIZ",
     "INNER_IFNAME",
     "bridge_name",
+    "link_prefixes",
     "names_dir",
     "netns_dir",
     "netns_path",
@@ -40,8 +43,18 @@ def bridge_name(project: str) -> str:
 
 
 def veth_name(project: str, service: str) -> str:
-    """The host end of a service's veth pair: "sd" and 12 hex digits of a hash of project and service."""
-    return "sd" + short_hash("veth", project, service, length=12)
+    """The host end of a service's veth pair: "sd", 4 hex digits of a hash of the project and 8 of a
+    hash of project and service."""
+    return _veth_prefix(project) + short_hash("veth", project, service, length=8)
+
+
+def _veth_prefix(project: str) -> str:
+    return "sd" + short_hash("veth-project", project, length=4)
+
+
+def link_prefixes(project: str) -> tuple[str, ...]:
+    """How the names of a project's links begin: its bridge's name, and its veths' common prefix."""
+    return bridge_name(project), _veth_prefix(project)
 
 
 def netns_dir(paths: StackPaths) -> Path:
