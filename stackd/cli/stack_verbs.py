@@ -15,9 +15,11 @@ import anyio
 
 from stackd.cli.config_verbs import stack_file
 from stackd.cli.events import configure_events, event_logger
+from stackd.cli.progress import ProgressLine
 from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
 from stackd.spec import load_stack
+from stackd.spec.graph import with_dependencies
 from stackd.spec.project import validate_project_name
 from stackd.supervisor.cleanup import remove_recorded
 from stackd.supervisor.router import LogRouter, TerminalPrinter
@@ -87,13 +89,29 @@ def run_up(args: argparse.Namespace) -> int:
     log = event_logger()
     for warning in stack.warnings:
         log.warning("stack file", warning=warning)
-    printer = TerminalPrinter(list(stack.services), no_prefix=args.no_log_prefix, timestamps=args.timestamps)
-    return anyio.run(_up, stack, args, printer, log)
+    progress = None
+    if args.log_format == "console" and sys.stderr.isatty():
+        selected = with_dependencies(stack, args.service or list(stack.services))
+        checked = [name for name in selected if stack[name].healthcheck is not None]
+        progress = ProgressLine(selected, checked=checked, stream=sys.stderr)
+    printer = TerminalPrinter(
+        list(stack.services), no_prefix=args.no_log_prefix, timestamps=args.timestamps, overlay=progress
+    )
+    return anyio.run(_up, stack, args, printer, log, progress)
 
 
-async def _up(stack: Any, args: argparse.Namespace, printer: TerminalPrinter, log: Any) -> int:
+async def _up(
+    stack: Any, args: argparse.Namespace, printer: TerminalPrinter, log: Any, progress: ProgressLine | None
+) -> int:
     def emit(event: str, service: str, **fields: Any) -> None:
-        log.info(event, service=service or None, **fields)
+        if progress is not None and progress.active:
+            if event in ("stopping", "killing", "aborting"):
+                progress.finish()
+            elif progress.on_event(event, service, fields):
+                return
+        events.info(event, service=service or None, **fields)
+
+    events = _AroundProgress(log, progress)
 
     # The printer outlives the router (it prints what is queued, then ends); the router outlives the
     # supervisor, so the services' last lines reach the disk and the terminal.
@@ -102,8 +120,33 @@ async def _up(stack: Any, args: argparse.Namespace, printer: TerminalPrinter, lo
         LogRouter(StackPaths(stack.name).logs) as router,
     ):
         printing.start_soon(printer.run, router.subscribe())
-        code = await _supervise(stack, args, router, log, emit)
+        try:
+            code = await _supervise(stack, args, router, events, emit)
+        finally:
+            if progress is not None:
+                progress.finish()
     return code
+
+
+class _AroundProgress:
+    """The event logger, hiding the progress line (when one is drawn) while it prints."""
+
+    def __init__(self, log: Any, progress: ProgressLine | None) -> None:
+        self.log, self.progress = log, progress
+
+    def info(self, event: str, **fields: Any) -> None:
+        if self.progress is None or not self.progress.active:
+            self.log.info(event, **fields)
+            return
+        if event in ("stopping", "killing", "aborting"):
+            self.progress.finish()
+            self.log.info(event, **fields)
+            return
+        self.progress.hide()
+        try:
+            self.log.info(event, **fields)
+        finally:
+            self.progress.show()
 
 
 async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, log: Any, emit: Any) -> int:

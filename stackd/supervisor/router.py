@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -539,6 +539,15 @@ def _write_fully(fd: int, data: bytes) -> None:
             select.select([], [fd], [])
 
 
+class Overlay(Protocol):
+    """Something drawn on the terminal below the services' lines (the start-up progress line): hidden
+    before the printer writes and shown again after, from the printer's writing thread."""
+
+    def hide(self) -> None: ...
+
+    def show(self) -> None: ...
+
+
 class TerminalPrinter:
     """Prints subscribed chunks as ``name | line``, the way ``docker compose up`` does.
 
@@ -560,8 +569,10 @@ class TerminalPrinter:
         color: bool | None = None,
         no_prefix: bool = False,
         timestamps: bool = False,
+        overlay: Overlay | None = None,
     ) -> None:
         self.fd = fd
+        self.overlay = overlay
         self.color = use_color(fd) if color is None else color
         self.no_prefix = no_prefix
         self.timestamps = timestamps
@@ -624,6 +635,16 @@ class TerminalPrinter:
                 self._open = None
         return b"".join(out)
 
+    def _write(self, data: bytes) -> None:
+        if self.overlay is None:
+            _write_fully(self.fd, data)
+            return
+        self.overlay.hide()
+        try:
+            _write_fully(self.fd, data)
+        finally:
+            self.overlay.show()
+
     async def run(self, subscription: Subscription) -> None:
         """Print what ``subscription`` gives until it ends (then end an unfinished line).
 
@@ -638,9 +659,9 @@ class TerminalPrinter:
                     break
                 data = self.render(batch)
                 if data:
-                    await anyio.to_thread.run_sync(_write_fully, self.fd, data, abandon_on_cancel=True)
+                    await anyio.to_thread.run_sync(self._write, data, abandon_on_cancel=True)
             if self._open is not None:
                 self._open = None
-                await anyio.to_thread.run_sync(_write_fully, self.fd, b"\n", abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(self._write, b"\n", abandon_on_cancel=True)
         except BrokenPipeError:
             subscription.close()

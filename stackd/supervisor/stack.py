@@ -107,6 +107,9 @@ class StackSupervisor:
             raise StackdError(f"no such service: {', '.join(unknown)} (services: {', '.join(self.stack.services)})")
         self._selected = with_dependencies(self.stack, names)
         await self.network.attach(self._selected)
+        if self.network.network is not None:
+            network = self.network.network
+            self._emit("network", "", subnet=str(network.subnet), bridge=network.bridge, gateway=str(network.gateway))
         async with anyio.create_task_group() as group:
             for name in self._selected:
                 group.start_soon(self._start_when_ready, name)
