@@ -91,6 +91,8 @@ class ServiceRunner:
         self._stop_requested = False
         self._stop_event = anyio.Event()
         self._started_at = 0.0
+        self.started_wall: float | None = None  # time.time() of the latest start, for `ps`
+        self.paused = False
         self._pipes: ServicePipes | None = None
 
     # -- the main loop ---------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class ServiceRunner:
         finally:
             self._pipes.close_write_ends()  # the service holds its own copies (or failed to start)
         self._started_at = time.monotonic()
+        self.started_wall = time.time()
         self.state = "running"
         self._emit("started", self.name, pid=self.pid)
         self.started.set()
@@ -214,12 +217,48 @@ class ServiceRunner:
             self._emit("oom", self.name, limit=self.service.mem_limit)
         self._emit("exited", self.name, **fields)
 
+    @property
+    def active(self) -> bool:
+        """Whether the runner is running the service (or about to start or restart it)."""
+        return self.state in ("starting", "running", "restarting", "stopping") and not self.finished.is_set()
+
+    def rearm(self) -> None:
+        """Make a finished runner ready to run() again (`stackd start` / `restart` of the service)."""
+        self._stop_requested = False
+        self._stop_event = anyio.Event()
+        self.finished = anyio.Event()
+        self.state = "created"
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the service's main process (`stackd kill`); its restart policy then applies."""
+        if self.pid is None or not self.active or self._launcher.exited(self.pid) is not None:
+            raise ProcessLookupError(f"service {self.name} is not running")
+        os.kill(self.pid, sig)
+
+    async def pause(self) -> None:
+        """Freeze every process of the service (cgroup freezer)."""
+        if self.instance is None or not self.active:
+            raise ProcessLookupError(f"service {self.name} is not running")
+        await anyio.to_thread.run_sync(self.instance.cgroup.freeze)
+        self.paused = True
+        self._emit("paused", self.name)
+
+    async def unpause(self) -> None:
+        if self.instance is None or not self.paused:
+            raise ProcessLookupError(f"service {self.name} is not paused")
+        await anyio.to_thread.run_sync(self.instance.cgroup.thaw)
+        self.paused = False
+        self._emit("unpaused", self.name)
+
     # -- stopping --------------------------------------------------------------------------------
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop the service: its stop_signal, then SIGKILL to its whole cgroup after the grace period."""
         self._stop_requested = True
         self._stop_event.set()
+        if self.paused and self.instance is not None:  # a frozen process cannot handle its stop signal
+            await anyio.to_thread.run_sync(self.instance.cgroup.thaw)
+            self.paused = False
         grace = self.service.stop_grace_period if grace is None else grace
         if self.state in ("running", "starting") and self.pid is not None and self.last_exit_pid != self.pid:
             self.state = "stopping"

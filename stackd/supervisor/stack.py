@@ -12,10 +12,12 @@ depends on it has stopped.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.abc
 
 from stackd.errors import StackdError
 from stackd.runtime.instance import HostFacts
@@ -27,6 +29,7 @@ from stackd.supervisor.cleanup import remove_recorded
 from stackd.supervisor.network import StackNetworking
 from stackd.supervisor.runner import Emit, OutputSink, ServiceRunner
 from stackd.supervisor.state import StateRecord
+from stackd.supervisor.status import ServiceStats, ServiceStatus, service_stats, service_status
 
 __all__ = ["StackSupervisor"]
 
@@ -66,6 +69,7 @@ class StackSupervisor:
         }
         self._selected: list[str] = []
         self._stopping = False
+        self._tasks: anyio.abc.TaskGroup | None = None  # where services run; open while the supervisor is
 
     @classmethod
     @asynccontextmanager
@@ -88,11 +92,12 @@ class StackSupervisor:
         try:
             async with Launcher.open() as launcher:
                 supervisor = cls(stack, paths=paths, launcher=launcher, record=record, emit=emit, output=output)
-                try:
-                    yield supervisor
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await supervisor.down()
+                async with anyio.create_task_group() as supervisor._tasks:
+                    try:
+                        yield supervisor
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await supervisor.down()
         finally:
             with anyio.CancelScope(shield=True):
                 problems = await remove_recorded(record)
@@ -105,14 +110,95 @@ class StackSupervisor:
         unknown = [name for name in names if name not in self.stack.services]
         if unknown:
             raise StackdError(f"no such service: {', '.join(unknown)} (services: {', '.join(self.stack.services)})")
-        self._selected = with_dependencies(self.stack, names)
-        await self.network.attach(self._selected)
-        if self.network.network is not None:
+        selected = with_dependencies(self.stack, names)
+        await self._start(selected)
+        for name in selected:
+            await self.runners[name].finished.wait()
+
+    async def _start(self, names: list[str]) -> None:
+        """Make the network of these services, then start each once its dependencies are ready."""
+        if self._stopping or self._tasks is None:
+            raise StackdError(f"project {self.stack.name} is stopping")
+        had_network = self.network.network is not None
+        await self.network.attach(names)
+        if not had_network and self.network.network is not None:
             network = self.network.network
             self._emit("network", "", subnet=str(network.subnet), bridge=network.bridge, gateway=str(network.gateway))
-        async with anyio.create_task_group() as group:
-            for name in self._selected:
-                group.start_soon(self._start_when_ready, name)
+        self._selected = list(dict.fromkeys([*self._selected, *names]))
+        for name in names:
+            self._tasks.start_soon(self._start_when_ready, name)
+
+    # -- operations on services of a running stack (stackd start/stop/restart/kill/pause, the API) --
+
+    def runner(self, name: str) -> ServiceRunner:
+        """The runner of service `name`; StackdError naming the services when there is none."""
+        try:
+            return self.runners[name]
+        except KeyError:
+            raise StackdError(
+                f"no such service: {name} (services: {', '.join(self.stack.services)})"
+            ) from None
+
+    async def start_service(self, name: str) -> None:
+        """Start a service that is not running, with what it depends on that is not running either."""
+        self.runner(name)
+        wanted = [n for n in with_dependencies(self.stack, [name]) if not self.runners[n].active]
+        for n in wanted:
+            if self.runners[n].finished.is_set():
+                self.runners[n].rearm()
+        await self._start(wanted)
+
+    def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the service's main process; its restart policy applies to the exit."""
+        try:
+            self.runner(name).send_signal(sig)
+        except ProcessLookupError as error:
+            raise StackdError(str(error)) from None
+
+    async def pause_service(self, name: str) -> None:
+        """Freeze the service's processes (cgroup freezer) until unpause_service."""
+        try:
+            await self.runner(name).pause()
+        except ProcessLookupError as error:
+            raise StackdError(str(error)) from None
+
+    async def unpause_service(self, name: str) -> None:
+        try:
+            await self.runner(name).unpause()
+        except ProcessLookupError as error:
+            raise StackdError(str(error)) from None
+
+    def status(self) -> list[ServiceStatus]:
+        """Every service's snapshot, in the stack file's order."""
+        result = []
+        for name, runner in self.runners.items():
+            address = self.network.address(name)
+            result.append(service_status(runner, address=str(address) if address else None, ports=self.ports_of(name)))
+        return result
+
+    def ports_of(self, name: str) -> tuple[str, ...]:
+        """The service's published ports as "127.0.0.1:8080->80/tcp" (the actual host ports)."""
+        return ()
+
+    def stats(self) -> list[ServiceStats]:
+        """Resource use of every service that has a cgroup."""
+        return [s for s in (service_stats(r) for r in self.runners.values()) if s is not None]
+
+    async def stop_service(self, name: str, *, grace: float | None = None) -> None:
+        """Stop one service (stop_signal, then SIGKILL after the grace period); it is not restarted.
+        Returns once its last output is on disk."""
+        runner = self.runner(name)
+        was_active = runner.active
+        await runner.stop(grace=grace)
+        if was_active:
+            await runner.finished.wait()
+
+    async def restart_service(self, name: str, *, grace: float | None = None) -> None:
+        """Stop the service if it runs, and start it again."""
+        runner = self.runner(name)
+        await self.stop_service(name, grace=grace)
+        runner.rearm()
+        await self._start([name])
 
     async def _start_when_ready(self, name: str) -> None:
         runner = self.runners[name]
