@@ -79,6 +79,7 @@ class StackNetworking:
         self.network: StackNetwork | None = None
         self.endpoints: dict[str, Endpoint] = {}
         self.pins: set[str] = set()  # services with mode "none" whose namespace is pinned (shared)
+        self.resolvers: tuple[IPv4Address, ...] = ()  # the host's, listed in resolv.conf with outbound
 
     # -- what a service gets ---------------------------------------------------------------------
 
@@ -144,6 +145,9 @@ class StackNetworking:
                         self.stack.name, host_networks=facts.blocked(), taken=_other_stacks_subnets(self.paths)
                     )
                 network = StackNetwork.for_project(self.stack.name, subnet, mtu=facts.suggested_mtu())
+                # With outbound access the host's resolvers answer, except those on its loopback
+                # (systemd-resolved's 127.0.0.53), which inside a service would be its own.
+                self.resolvers = tuple(r for r in facts.resolvers if not r.is_loopback)
                 # Recorded before the lock is let go: the next supervisor sees this subnet as taken.
                 self.record.add(NETWORK, "stack", **network.to_record(), outbound=self.stack.network.outbound)
             self.network = network
@@ -192,7 +196,8 @@ class StackNetworking:
                     service_entry(self.stack.name, name, address, hostname=service.hostname, aliases=service.aliases)
                 )
         hosts = render_hosts(self.stack.name, entries)
-        write_names_files(self.paths, hosts=hosts, resolv_conf=render_resolv_conf())
+        nameservers = self.resolvers if self.stack.network.outbound else ()
+        write_names_files(self.paths, hosts=hosts, resolv_conf=render_resolv_conf(nameservers=nameservers))
         for name, service in self.stack.services.items():
             if service.extra_hosts and self.owner(name).name in self.endpoints:
                 write_names_file(_own_hosts_path(self.paths, name), hosts + _extra_lines(service, self.network))
