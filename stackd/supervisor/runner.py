@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -52,6 +54,22 @@ class OutputSink(Protocol):
     """Where a service's output goes: new pipes for every run (the log router)."""
 
     def attach(self, service: str) -> ServicePipes: ...
+
+
+def reaches(pid: int, sig: int) -> bool:
+    """Whether `sig` sent to `pid` can do anything. A service's main process is pid 1 of its pid
+    namespace, and the kernel drops a signal that pid 1 neither catches nor ignores (its default action
+    never applies to pid 1): waiting a grace period for it to act on it would be waiting for nothing.
+    SIGKILL and SIGSTOP always reach it; so does everything when /proc cannot tell."""
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith(("SigCgt", "SigIgn")))
+    bit = 1 << (sig - 1)
+    return any(int(masks.get(key, "0"), 16) & bit for key in ("SigCgt", "SigIgn"))
 
 
 class ServiceRunner:
@@ -262,13 +280,22 @@ class ServiceRunner:
         grace = self.service.stop_grace_period if grace is None else grace
         if self.state in ("running", "starting") and self.pid is not None and self.last_exit_pid != self.pid:
             self.state = "stopping"
-            self._emit("stopping", self.name, signal=self.service.stop_signal, grace=grace)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal_number(self.service.stop_signal))
-            with anyio.move_on_after(grace):
-                await self._launcher.wait(self.pid)
-            if self._launcher.exited(self.pid) is None:
-                self._emit("killing", self.name, after=grace)
+            number = signal_number(self.service.stop_signal)
+            if reaches(self.pid, number):
+                self._emit("stopping", self.name, signal=self.service.stop_signal, grace=grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, number)
+                with anyio.move_on_after(grace):
+                    await self._launcher.wait(self.pid)
+                if self._launcher.exited(self.pid) is None:
+                    self._emit("killing", self.name, after=grace)
+            else:
+                self._emit(
+                    "killing",
+                    self.name,
+                    after=0,
+                    reason=f"pid 1 of the service has no {self.service.stop_signal} handler: the kernel would drop it",
+                )
         if self.instance is not None:
             await anyio.to_thread.run_sync(self.instance.cgroup.kill)
             if self.pid is not None:

@@ -120,8 +120,18 @@ async def test_down_stops_gracefully_or_kills_after_the_grace_period(tmp_path: P
         [services.stubborn]
         command = ["sh", "-c", "trap '' TERM; sh -c 'sleep 300' & while :; do sleep 0.05; done"]
         stop_grace_period = "300ms"
+        [services.deaf]
+        command = ["sleep", "300"]
+        stop_grace_period = "30s"
     """
+    started = time.monotonic()
     sink = await run_stack(toml, tmp_path, project, until=0.5)
+    # sleep as pid 1 has no SIGTERM handler, so the kernel would drop the signal: killed at once,
+    # instead of after its 30 s grace period
+    assert time.monotonic() - started < 5
+    ((_, deaf),) = sink.of("killing", "deaf")
+    assert deaf["after"] == 0 and "no SIGTERM handler" in deaf["reason"]
+    assert sink.of("stopping", "deaf") == []
     ((_, polite),) = sink.of("exited", "polite")
     assert polite["code"] == 0 and bytes(sink.output["polite"]).endswith(b"bye\n")
     assert sink.of("killing", "polite") == []
