@@ -6,7 +6,7 @@ import re
 from typing import cast
 
 from stackd.spec.context import Context
-from stackd.spec.models import Condition, Dependency, Healthcheck, RestartMode, RestartPolicy
+from stackd.spec.models import Condition, Dependency, Healthcheck, RestartBackoff, RestartMode, RestartPolicy
 from stackd.spec.problems import Invalid, did_you_mean, one_of, show, type_name
 from stackd.spec.units import parse_duration
 from stackd.spec.values import boolean, expect, integer, string
@@ -24,6 +24,38 @@ def restart(value: object, ctx: Context) -> RestartPolicy:
         )
     retries = int(match.group(2)) if match.group(2) is not None else None
     return RestartPolicy(cast(RestartMode, match.group(1)), retries)
+
+
+_BACKOFF_KEYS = ("initial", "factor", "maximum", "reset_after")
+
+
+def restart_backoff(value: object, ctx: Context) -> RestartBackoff | None:
+    """`restart_backoff = { initial = "100ms", factor = 2, maximum = "1m", reset_after = "10s" }`."""
+    table = expect(value, dict, "a table { initial, factor, maximum, reset_after }")
+    values: dict[str, float] = {}
+    for key, raw in table.items():
+        if key not in _BACKOFF_KEYS:
+            allowed = one_of(_BACKOFF_KEYS)
+            ctx.problem(f'unknown key "{key}"{did_you_mean(key, _BACKOFF_KEYS)} (allowed: {allowed})', (key,))
+        elif key == "factor":
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or not 1 <= raw <= 10:
+                ctx.problem(f"expected a number from 1 to 10, got {show(raw)}", (key,))
+            else:
+                values[key] = float(raw)
+        else:
+            seconds = ctx.at(key).attempt(parse_duration, raw)
+            if seconds is not None:
+                values[key] = seconds
+    if "maximum" not in values and values.get("initial", 0) > RestartBackoff().maximum:
+        values["maximum"] = values["initial"]
+    backoff = RestartBackoff(**values)
+    if backoff.initial <= 0:
+        ctx.problem("must be more than 0 (a crash loop must never busy-loop)", ("initial",))
+        return None
+    if backoff.maximum < backoff.initial:
+        ctx.problem(f"is below initial ({table.get('initial')})", ("maximum",))
+        return None
+    return backoff if len(values) == len(table) else None
 
 
 _CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")

@@ -49,6 +49,17 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RestartBackoff:
+    """`restart_backoff`: the wait before a restart starts at `initial` seconds and is multiplied by
+    `factor` at each restart of a streak, up to `maximum`; a run of `reset_after` seconds ends the streak."""
+
+    initial: float = 0.1
+    factor: float = 2.0
+    maximum: float = 60.0
+    reset_after: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     """`user`: a name or uid, and optionally a group name or gid; resolved in the rootfs at launch."""
 
@@ -205,6 +216,7 @@ class Service:
     tmpfs: tuple[Tmpfs, ...] = ()
     read_only: bool = False
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_backoff: RestartBackoff = field(default_factory=RestartBackoff)
     stop_signal: str = "SIGTERM"
     stop_grace_period: float = 10.0
     init: bool = False

@@ -132,6 +132,17 @@ def _service_schema() -> dict[str, Any]:
             "description": '"/path[:size=64m,mode=1777,noexec,...]".',
         },
         "read_only": {"type": "boolean", "description": "No writable layer over the rootfs."},
+        "restart_backoff": {
+            "type": "object",
+            "properties": {
+                "initial": {"type": "string", "description": 'First wait before a restart (default "100ms").'},
+                "factor": {"type": "number", "minimum": 1, "maximum": 10, "description": "Growth per restart (2)."},
+                "maximum": {"type": "string", "description": 'Longest wait (default "1m").'},
+                "reset_after": {"type": "string", "description": 'A run this long ends the streak ("10s").'},
+            },
+            "additionalProperties": False,
+            "description": "The backoff between restarts.",
+        },
         "restart": {
             "oneOf": [
                 {"type": "string", "pattern": "^(no|always|unless-stopped|on-failure(:[0-9]+)?)$"},

@@ -56,6 +56,13 @@ def _service(service: Service) -> dict[str, Any]:
         out["tmpfs"] = [_tmpfs(t) for t in service.tmpfs]
     out["read_only"] = service.read_only
     out["restart"] = str(service.restart)
+    backoff = service.restart_backoff
+    out["restart_backoff"] = {
+        "initial": format_duration(backoff.initial),
+        "factor": backoff.factor,
+        "maximum": format_duration(backoff.maximum),
+        "reset_after": format_duration(backoff.reset_after),
+    }
     out["stop_signal"] = service.stop_signal
     out["stop_grace_period"] = format_duration(service.stop_grace_period)
     out["init"] = service.init

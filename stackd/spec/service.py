@@ -19,7 +19,7 @@ from typing import Any, cast
 from stackd.spec.capabilities import effective_capabilities, normalise_capability
 from stackd.spec.context import Context
 from stackd.spec.interpolate import parse_dotenv
-from stackd.spec.lifecycle import depends_on, healthcheck, restart
+from stackd.spec.lifecycle import depends_on, healthcheck, restart, restart_backoff
 from stackd.spec.models import (
     NetworkMode,
     Rootfs,
@@ -407,6 +407,7 @@ SERVICE_KEYS: dict[str, Key] = {
     "tmpfs": Key(tmpfs_list, "tmpfs"),
     "read_only": Key(boolean, "read_only"),
     "restart": Key(restart, "restart"),
+    "restart_backoff": Key(restart_backoff, "restart_backoff"),
     "stop_signal": Key(_signal, "stop_signal"),
     "stop_grace_period": Key(_duration, "stop_grace_period"),
     "init": Key(boolean, "init"),

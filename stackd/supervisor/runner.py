@@ -8,6 +8,7 @@ dependency walker wait for "started" and "completed successfully".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -94,7 +95,7 @@ class ServiceRunner:
         self._project, self._paths, self._facts = project, paths, facts
         self._launcher, self._record, self._output, self._emit = launcher, record, output, emit
         self._network = network
-        self.restart = RestartState(backoff or Backoff())
+        self.restart = RestartState(backoff or Backoff(**dataclasses.asdict(service.restart_backoff)))
         self.state = "created"
         self.pid: int | None = None
         self.last_exit: Exit | None = None

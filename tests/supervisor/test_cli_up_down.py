@@ -152,3 +152,40 @@ depends_on = ["server"]
         timeout=30,
     )
     assert bad.returncode == 2 and "no such service: nope" in bad.stderr
+
+
+def test_down_after_the_supervisor_was_sigkilled_while_coming_up(tmp_path: Path, project: str) -> None:
+    """Killed while web still waits for db to become healthy: `down` removes what was made so far."""
+    (tmp_path / "stack.toml").write_text(
+        f"""
+name = "{project}"
+[services.db]
+command = ["sh", "-c", "sleep 1.5; touch /tmp/ready; exec sleep 300"]
+healthcheck = {{ test = ["CMD", "test", "-e", "/tmp/ready"], interval = "100ms" }}
+[services.web]
+command = ["sleep", "300"]
+depends_on = {{ db = "healthy" }}
+"""
+    )
+    env = {**os.environ, "STACKD_STATE_DIR": str(tmp_path / "run"), "STACKD_LOG_DIR": str(tmp_path / "log")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stackd", "up"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: len(processes_in(project)) >= 1)
+        state = json.loads((tmp_path / "run" / project / "state.json").read_text())
+        assert "web" not in state["resources"].get("cgroup", {}), "web started before db was healthy"
+        assert state["resources"]["endpoint"].keys() == {"db", "web"}
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()  # type: ignore[union-attr]
+    result = subprocess.run(
+        [sys.executable, "-m", "stackd", "down", "-p", project], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert processes_in(project) == []
+    assert not (tmp_path / "run" / project).exists()

@@ -113,3 +113,32 @@ async def test_pause_freezes_every_process_and_stats_read_the_cgroup(tmp_path: P
         with pytest.raises(StackdError, match="service web is not paused"):
             await supervisor.unpause_service("web")
         await supervisor.pause_service("web")  # a paused service still stops at down
+
+
+async def test_unless_stopped_restarts_after_any_exit_until_the_user_stops_it(
+    tmp_path: Path, leak_check: LeakGuard
+) -> None:
+    project = f"op-{secrets.token_hex(3)}"
+    leak_check.track(project)
+    toml = """
+        [services.job]
+        command = ["sh", "-c", "sleep 0.05; exit 0"]
+        restart = "unless-stopped"
+        restart_backoff = { initial = "10ms", maximum = "10ms" }
+    """
+    stack = parse_stack(textwrap.dedent(toml), file=tmp_path / "stack.toml", project=project)
+    paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
+    async with (
+        LogRouter(paths.logs) as router,
+        StackSupervisor.open(stack, emit=lambda *a, **k: None, output=router, paths=paths) as supervisor,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(supervisor.up)
+        job = supervisor.runners["job"]
+        with anyio.fail_after(10):
+            while job.restart.restarts < 3:  # a clean exit restarts it too
+                await anyio.sleep(0.01)
+        await supervisor.stop_service("job", grace=1)
+        restarts = job.restart.restarts
+        await anyio.sleep(0.3)
+        assert job.restart.restarts == restarts and state_of(supervisor, "job") == "stopped"

@@ -138,3 +138,25 @@ async def test_down_stops_gracefully_or_kills_after_the_grace_period(tmp_path: P
     ((_, stubborn),) = sink.of("exited", "stubborn")
     assert "SIGKILL" in stubborn["reason"]
     assert sink.of("killing", "stubborn")
+
+
+async def test_a_crash_loop_backs_off_and_a_stable_run_resets_the_delay(tmp_path: Path, project: str) -> None:
+    (tmp_path / "count").mkdir()
+    toml = """
+        [services.loop]
+        # runs 1-3 crash at once, run 4 is stable for longer than reset_after and then crashes, run 5 ends well
+        command = ["sh", "-c", '''n=$$(ls /count | wc -l); touch /count/$$n; echo run $$n
+                                   [ $$n = 3 ] && sleep 0.6; [ $$n = 4 ] && exit 0; exit 1''']
+        volumes = ["./count:/count"]
+        restart = "on-failure"
+        restart_backoff = { initial = "50ms", factor = 2, reset_after = "500ms" }
+    """
+    sink = await run_stack(toml, tmp_path, project)
+    starts = [t for t, _ in sink.of("started", "loop")]
+    exits = [t for t, _ in sink.of("exited", "loop")]
+    assert len(starts) == 5 and len(exits) == 5
+    waits = [start - exit for exit, start in zip(exits, starts[1:], strict=False)]
+    assert [f["delay"] for _, f in sink.of("restarting", "loop")] == [0.05, 0.1, 0.2, 0.05]
+    assert 0.05 <= waits[0] < waits[1] < waits[2] and waits[2] >= 0.2  # the streak grows...
+    assert 0.05 <= waits[3] < 0.2  # ...and the 0.6 s run ended it
+    assert exits[3] - starts[3] >= 0.6
