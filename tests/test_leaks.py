@@ -31,6 +31,7 @@ from stackd.testing.leaks import (
     Resource,
     check_no_leaks,
     diff,
+    list_nft_tables,
     make_leak_check,
     take_snapshot,
 )
@@ -136,6 +137,7 @@ def test_fake_pure_v2_host(tmp_path: Path) -> None:
         netns_dir=str(netns),
         proc=str(proc),
         state_dirs=[str(state), str(tmp_path / "missing")],
+        nft_tables=lambda: ["inet stackd_3f2a1b00"],
     )
 
     assert snap.links == {"lo", "sd3f2a1b", "sd-3f2a1b"}
@@ -146,6 +148,7 @@ def test_fake_pure_v2_host(tmp_path: Path) -> None:
     assert by_pid[41].comm == "python3 (x)"
     assert by_pid[41].cgroups == (f"{cg}/stackd/shop/web",)
     assert snap.files == {f"{state}/shop"}
+    assert snap.nft_tables == {"inet stackd_3f2a1b00"}
     assert snap.mounts == {
         Mount("/", "ext4", "/dev/vda"),
         Mount(str(cg), "cgroup2", "cgroup2", 0),
@@ -157,7 +160,8 @@ def test_fake_pure_v2_host(tmp_path: Path) -> None:
 
     # Everything is new against an empty snapshot; the report has one line per resource.
     leaks = diff(HostSnapshot(), snap)
-    assert len(leaks) == len(str(leaks).splitlines()) == 17
+    assert len(leaks) == len(str(leaks).splitlines()) == 18
+    assert "nft table inet stackd_3f2a1b00" in str(leaks).splitlines()
     assert f"process 42 (sleep) in {cg}/stackd/shop/web" in str(leaks).splitlines()
     assert f"mount {spaced} (tmpfs from tmp fs, stacked #2)" in str(leaks).splitlines()
     assert not diff(snap, snap)
@@ -213,6 +217,23 @@ def test_filters_on_values() -> None:
         return r.kind == "cgroup"
 
     assert diff(before, after, only=only_cgroups) == Leaks(cgroups=after.cgroups)
+
+
+def test_nft_tables_follow_the_bridge_they_are_named_after() -> None:
+    after = HostSnapshot(
+        nft_tables=frozenset({"inet stackd_1a2b3c4d", "inet stackd_99999999", "inet stackd_ip_forward"})
+    )
+    everything = diff(HostSnapshot(), after)
+    assert str(everything).splitlines() == [
+        "nft table inet stackd_1a2b3c4d",
+        "nft table inet stackd_99999999",
+        "nft table inet stackd_ip_forward",
+    ]
+    # A stack's table is reported with its bridge's prefix (what LeakGuard.track(project) adds).
+    assert diff(HostSnapshot(), after, link_prefixes=["sd-1a2b3c4d"]) == Leaks(
+        nft_tables=frozenset({"inet stackd_1a2b3c4d"})
+    )
+    assert not diff(HostSnapshot(), after, projects=["t-1"], link_prefixes=["sd-12345678", "sd1a2b"])
 
 
 # --- real resources -------------------------------------------------------------------------------------
@@ -481,15 +502,41 @@ def test_fixture_fails_the_teardown_of_a_leaking_test(
 # --- speed ----------------------------------------------------------------------------------------------
 
 
+@needs_root
+async def test_stackd_nft_table_reported_until_removed(uid: str) -> None:
+    from stackd.runtime.network.nft import delete_table_message, new_table_message, nft_socket, transaction
+
+    table, other = f"stackd_{uid}", f"notstackd_{uid}"
+    before = take_snapshot()
+    try:
+        async with nft_socket() as sock:
+            await transaction(sock, [new_table_message(table), new_table_message(other)])
+        assert f"inet {table}" in list_nft_tables()
+        assert f"inet {other}" not in list_nft_tables()  # not stackd's: never looked at
+        leaks = diff(before, take_snapshot(), link_prefixes=[f"sd-{uid}"])
+        assert leaks == Leaks(nft_tables=frozenset({f"inet {table}"}))
+        assert str(leaks) == f"nft table inet {table}"
+    finally:
+        async with nft_socket() as sock:
+            await transaction(sock, [delete_table_message(table)])
+            await transaction(sock, [delete_table_message(other)])
+    assert not diff(before, take_snapshot(), link_prefixes=[f"sd-{uid}"])
+
+
 def _snapshot_times_ms(n: int = 20) -> Iterator[float]:
+    return _times_ms(take_snapshot, n)
+
+
+def _times_ms(call: Callable[[], object], n: int) -> Iterator[float]:
     for _ in range(n):
         start = time.perf_counter()
-        take_snapshot()
+        call()
         yield (time.perf_counter() - start) * 1000
 
 
 def test_snapshot_speed(capsys: pytest.CaptureFixture[str]) -> None:
     take_snapshot()  # warm up
     median = statistics.median(_snapshot_times_ms(20))
+    nft = statistics.median(_times_ms(list_nft_tables, 20))
     with capsys.disabled():
-        print(f"\ntake_snapshot(): median of 20 = {median:.3f} ms")
+        print(f"\ntake_snapshot(): median of 20 = {median:.3f} ms, of which the nftables dump {nft:.3f} ms")

@@ -4,10 +4,11 @@ The bridge gets a fixed MAC address derived from the gateway's IP. A bridge with
 lowest MAC of its ports, so it would change as services come and go and leave every service with a
 stale ARP entry for its gateway. STP stays off (the default), so a new port forwards at once.
 
-Packets that arrive on the bridge are never routed on (per-interface `forwarding` 0, written to
-/proc/sys/net/ipv4/conf/<bridge>/forwarding): the stack reaches the host, and nothing beyond it,
-whatever the host's global ip_forward says (a Docker host has it on). The host's own ip_forward is
-never touched. The `[network] outbound` opt-in (not built yet) is what would turn this on.
+Packets that arrive on the bridge are not routed on (per-interface `forwarding` 0, written to
+/proc/sys/net/ipv4/conf/<bridge>/forwarding), whatever the host's global ip_forward says (a Docker
+host has it on). That flag does not last: setting ip_forward sets every interface's `forwarding`. The
+stack's firewall (firewall.py: nftables) is what keeps stacks apart and the host to the gateway; with
+`[network] outbound` it sets this flag to 1 (and ip_forward if needed), so install it after this.
 """
 
 from __future__ import annotations

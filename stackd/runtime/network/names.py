@@ -10,6 +10,11 @@ A bridge name has a dash and a veth name has none, so the two can never collide;
 link name of one project (the leak check uses them to look at one project's links only). The peer
 inside every namespace is `eth0`.
 
+The stack's nftables table (firewall.py) is named after its bridge, so that the state record's bridge
+name is enough to find it:
+
+    nft_table_name("sd-1a2b3c4d") -> "stackd_1a2b3c4d"   (family inet)
+
 A service's network namespace is pinned (bind-mounted) at `<state>/netns/<service>`, under the
 project's state directory, so that it lives without any process in it and `stackd down` can find it.
 """
@@ -23,11 +28,14 @@ from stackd.runtime.paths import StackPaths, short_hash
 __all__ = [
     "IFNAMSIZ",
     "INNER_IFNAME",
+    "NFT_TABLE_PREFIX",
     "bridge_name",
     "link_prefixes",
     "names_dir",
     "netns_dir",
     "netns_path",
+    "nft_table_bridge",
+    "nft_table_name",
     "veth_name",
 ]
 
@@ -35,11 +43,14 @@ __all__ = [
 IFNAMSIZ = 16
 #: The name of the service's end of its veth pair, inside its namespace.
 INNER_IFNAME = "eth0"
+#: How the name of every nftables table of stackd begins.
+NFT_TABLE_PREFIX = "stackd_"
+_BRIDGE_PREFIX = "sd-"
 
 
 def bridge_name(project: str) -> str:
     """The stack's bridge: "sd-" and 8 hex digits of a hash of the project."""
-    return "sd-" + short_hash("bridge", project, length=8)
+    return _BRIDGE_PREFIX + short_hash("bridge", project, length=8)
 
 
 def veth_name(project: str, service: str) -> str:
@@ -55,6 +66,18 @@ def _veth_prefix(project: str) -> str:
 def link_prefixes(project: str) -> tuple[str, ...]:
     """How the names of a project's links begin: its bridge's name, and its veths' common prefix."""
     return bridge_name(project), _veth_prefix(project)
+
+
+def nft_table_name(bridge: str) -> str:
+    """The nftables table (family inet) holding the firewall of the stack whose bridge is `bridge`."""
+    return NFT_TABLE_PREFIX + bridge.removeprefix(_BRIDGE_PREFIX)
+
+
+def nft_table_bridge(table: str) -> str | None:
+    """The bridge a stack's table is named after (None for a name that is not one of stackd's)."""
+    if not table.startswith(NFT_TABLE_PREFIX):
+        return None
+    return _BRIDGE_PREFIX + table.removeprefix(NFT_TABLE_PREFIX)
 
 
 def netns_dir(paths: StackPaths) -> Path:
