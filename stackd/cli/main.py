@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from stackd import __version__
-from stackd.cli import config_verbs, stack_verbs
+from stackd.cli import config_verbs, exec_verb, logs_verb, service_verbs, stack_verbs
 from stackd.errors import StackdError
 
 EXIT_OK = 0
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stackd {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     stack_verbs.register(verbs, stack_options)
+    service_verbs.register(verbs, stack_options)
+    logs_verb.register(verbs, stack_options)
+    exec_verb.register(verbs, stack_options)
     config_verbs.register(verbs, stack_options)
     return parser
 

@@ -1,9 +1,16 @@
-"""`stackd up` (foreground) and `stackd down`."""
+"""`stackd up` (foreground, or detached with -d), `stackd down` and `stackd ls`.
+
+The supervisor is the process that runs `up`: in the foreground it prints every line of every service;
+with -d it is started as a detached process (its own session, stdin /dev/null, its events in
+`<logs>/<project>/_supervisor.log`) and the `up -d` that started it returns once the services are up.
+Either way it serves the stack's control socket (stackd.supervisor.control) until the stack is down.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import select
 import signal
@@ -13,15 +20,18 @@ from typing import Any
 
 import anyio
 
+from stackd.cli import detached
 from stackd.cli.config_verbs import stack_file
 from stackd.cli.events import configure_events, event_logger
 from stackd.cli.progress import ProgressLine
+from stackd.cli.remote import project_paths, table
 from stackd.errors import StackdError
-from stackd.runtime.paths import StackPaths
+from stackd.runtime.paths import DEFAULT_STATE_ROOT, StackPaths
 from stackd.spec import load_stack
 from stackd.spec.graph import with_dependencies
-from stackd.spec.project import validate_project_name
 from stackd.supervisor.cleanup import remove_recorded
+from stackd.supervisor.control import ControlClient, ControlServer, EventHub, wait_ready
+from stackd.supervisor.notify import sd_notify
 from stackd.supervisor.router import LogRouter, TerminalPrinter
 from stackd.supervisor.stack import StackSupervisor
 from stackd.supervisor.state import StateRecord
@@ -37,6 +47,23 @@ def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
         "and removes everything of the stack.",
     )
     up.add_argument("service", nargs="*", metavar="SERVICE", help="start only these services (and their dependencies)")
+    up.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="run the stack in the background; return once its services are started (again on a running "
+        "stack: recreate only what changed in the file)",
+    )
+    up.add_argument(
+        "--wait",
+        action="store_true",
+        help="with -d: return once the services are running and healthy (one-shots: completed); implies -d",
+    )
+    up.add_argument(
+        "--wait-timeout", type=float, default=None, metavar="SECONDS", help="with --wait: give up after SECONDS"
+    )
+    up.add_argument("--no-color", action="store_true", help="no colours (also with NO_COLOR set)")
+    up.add_argument("--supervise-fd", type=int, default=None, help=argparse.SUPPRESS)  # the detached supervisor
     up.add_argument("--no-log-prefix", action="store_true", help="print the services' lines without `name |`")
     up.add_argument("--timestamps", action="store_true", help="prefix each line with the time it was read")
     up.add_argument("--log-format", choices=("console", "json"), default="console", help="stackd's own events")
@@ -77,6 +104,17 @@ def register(verbs: Any, stack_options: argparse.ArgumentParser) -> None:
     )
     down.set_defaults(run=run_down)
 
+    ls = verbs.add_parser(
+        "ls",
+        help="list the running stacks",
+        description="List the projects whose supervisor runs (with -a also those whose supervisor died and "
+        "that `stackd down` should clean up).",
+    )
+    ls.add_argument("-a", "--all", action="store_true", help="also projects whose supervisor is gone")
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    ls.add_argument("-q", "--quiet", action="store_true", help="only the project names")
+    ls.set_defaults(run=run_ls)
+
 
 def run_up(args: argparse.Namespace) -> int:
     stack = load_stack(stack_file(args), project=args.project_name)
@@ -85,6 +123,13 @@ def run_up(args: argparse.Namespace) -> int:
         services = ", ".join(stack.services)
         print(f"stackd: no such service: {', '.join(unknown)} (services: {services})", file=sys.stderr)
         return 2
+    if args.supervise_fd is not None:
+        return detached.run_supervisor(stack, args)
+    if args.detach or args.wait:
+        if args.abort_on_container_exit or args.exit_code_from:
+            print("stackd: -d cannot be combined with --abort-on-container-exit or --exit-code-from", file=sys.stderr)
+            return 2
+        return detached.up_detached(stack, args)
     configure_events(args.log_format)
     log = event_logger()
     for warning in stack.warnings:
@@ -95,7 +140,11 @@ def run_up(args: argparse.Namespace) -> int:
         checked = [name for name in selected if stack[name].healthcheck is not None]
         progress = ProgressLine(selected, checked=checked, stream=sys.stderr)
     printer = TerminalPrinter(
-        list(stack.services), no_prefix=args.no_log_prefix, timestamps=args.timestamps, overlay=progress
+        list(stack.services),
+        no_prefix=args.no_log_prefix,
+        timestamps=args.timestamps,
+        overlay=progress,
+        color=False if args.no_color else None,
     )
     return anyio.run(_up, stack, args, printer, log, progress)
 
@@ -103,7 +152,10 @@ def run_up(args: argparse.Namespace) -> int:
 async def _up(
     stack: Any, args: argparse.Namespace, printer: TerminalPrinter, log: Any, progress: ProgressLine | None
 ) -> int:
+    hub = EventHub()
+
     def emit(event: str, service: str, **fields: Any) -> None:
+        hub.publish(event, service, fields)
         if progress is not None and progress.active:
             if event in ("stopping", "killing", "aborting"):
                 progress.finish()
@@ -121,7 +173,7 @@ async def _up(
     ):
         printing.start_soon(printer.run, router.subscribe())
         try:
-            code = await _supervise(stack, args, router, events, emit)
+            code = await supervise(stack, args, router, events, emit, hub)
         finally:
             if progress is not None:
                 progress.finish()
@@ -149,13 +201,50 @@ class _AroundProgress:
             self.progress.show()
 
 
-async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, log: Any, emit: Any) -> int:
-    async with StackSupervisor.open(stack, emit=emit, output=router) as supervisor:
+async def supervise(
+    stack: Any,
+    args: argparse.Namespace,
+    router: LogRouter,
+    log: Any,
+    emit: Any,
+    hub: EventHub,
+    *,
+    detached: bool = False,
+    on_listening: Any = None,
+) -> int:
+    """Run the stack until it ends (foreground: every service finished), a signal, or `down`; serve
+    its control socket meanwhile; tell a service manager when it is up (sd_notify READY=1)."""
+    down_requested = anyio.Event()
+    grace: list[float | None] = [args.timeout]
+
+    def on_down(timeout: float | None) -> None:
+        if timeout is not None:
+            grace[0] = timeout
+        down_requested.set()
+
+    async with (
+        StackSupervisor.open(stack, emit=emit, output=router) as supervisor,
+        ControlServer.serve(supervisor, hub, on_down=on_down),
+    ):
+        if on_listening is not None:
+            on_listening(supervisor)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as group:
 
                 async def run_until_done() -> None:
                     await supervisor.up(args.service or None)
+                    if detached:
+                        return  # a detached stack stays up (its services can be started again) until `down`
+                    # Until every service has finished, also those `up -d` or `start` added meanwhile.
+                    while active := [r for r in supervisor.runners.values() if r.active]:
+                        async with anyio.create_task_group() as any_of:
+                            for runner in active:
+
+                                async def finished(runner: Any = runner) -> None:
+                                    await runner.finished.wait()
+                                    any_of.cancel_scope.cancel()
+
+                                any_of.start_soon(finished)
                     group.cancel_scope.cancel()
 
                 async def abort_when_one_ends(runner: Any) -> None:
@@ -173,8 +262,28 @@ async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, lo
                         group.cancel_scope.cancel()
                         return
 
+                async def stop_on_down() -> None:
+                    await down_requested.wait()
+                    log.info("stopping", project=stack.name, reason="down requested")
+                    group.cancel_scope.cancel()
+
+                async def notify_ready() -> None:
+                    names = with_dependencies(stack, args.service or list(stack.services))
+                    states = await wait_ready(supervisor, names, hub, healthy=True)
+                    ready = sum(1 for state, _ in states.values() if state == "ready")
+                    failed = [f"{name} {detail}" for name, (state, detail) in states.items() if state == "failed"]
+                    status = f"{ready}/{len(states)} services ready" + (
+                        f"; failed: {', '.join(failed)}" if failed else ""
+                    )
+                    sd_notify(f"READY=1\nSTATUS={status}")
+
                 group.start_soon(run_until_done)
                 group.start_soon(stop_on_signal)
+                group.start_soon(stop_on_down)
+                if os.environ.get("NOTIFY_SOCKET"):
+                    group.start_soon(notify_ready)
+
+            sd_notify(f"STOPPING=1\nSTATUS=stopping {stack.name}")
 
             async def kill_on_second_signal() -> None:
                 async for _ in signals:
@@ -187,7 +296,7 @@ async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, lo
 
             async with anyio.create_task_group() as stopping:
                 stopping.start_soon(kill_on_second_signal)
-                await supervisor.down(grace=args.timeout)
+                await supervisor.down(grace=grace[0])
                 stopping.cancel_scope.cancel()
     if args.exit_code_from:
         exit = supervisor.runners[args.exit_code_from].last_exit
@@ -199,19 +308,8 @@ async def _supervise(stack: Any, args: argparse.Namespace, router: LogRouter, lo
     return 1 if failed else 0
 
 
-def _project_paths(args: argparse.Namespace) -> StackPaths:
-    if args.project_name:
-        from stackd.spec.problems import Invalid
-
-        try:
-            return StackPaths(validate_project_name(args.project_name))
-        except Invalid as error:
-            raise StackdError(f"-p: {error.message}") from None
-    return StackPaths(load_stack(stack_file(args)).name)
-
-
 def run_down(args: argparse.Namespace) -> int:
-    paths = _project_paths(args)
+    paths = project_paths(args)
     record = StateRecord.load(paths)
     if record is None:
         print(f"stackd: project {paths.project} is not up (nothing recorded in {paths.state})", file=sys.stderr)
@@ -249,3 +347,49 @@ def _stop_supervisor(pid: int, timeout: float | None) -> None:
         select.select([pidfd], [], [], 5.0)
     finally:
         os.close(pidfd)
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    rows = []
+    gone = 0
+    root = DEFAULT_STATE_ROOT
+    for file in sorted(root.glob("*/state.json")):
+        record = StateRecord.load(StackPaths(file.parent.name))
+        if record is None:
+            continue
+        alive = record.supervisor_alive()
+        status = "supervisor gone: run `stackd down -p " + record.paths.project + "`"
+        if alive:
+            try:
+                with ControlClient.connect(record.paths, timeout=1.0) as client:
+                    services = client.call("ps")["services"]
+                running = sum(1 for s in services if s["state"] in ("running", "paused", "starting"))
+                status = f"running({running}/{len(services)})"
+            except StackdError as error:
+                status = f"unknown ({error})"
+        elif not args.all:
+            gone += 1
+            continue
+        rows.append(
+            {
+                "name": record.paths.project,
+                "status": status,
+                "supervisor_pid": record.supervisor_pid if alive else None,
+                "config_file": record.stack_file or "",
+            }
+        )
+    if args.quiet:
+        for row in rows:
+            print(row["name"])
+    elif args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            table(
+                [[r["name"], r["status"], r["supervisor_pid"] or "-", r["config_file"]] for r in rows],
+                ["NAME", "STATUS", "SUPERVISOR", "CONFIG FILE"],
+            )
+        )
+    if gone:
+        print(f"stackd: {gone} project(s) whose supervisor is gone are not shown: `stackd ls -a`", file=sys.stderr)
+    return 0

@@ -134,6 +134,23 @@ class Launcher:
             )
         return int(reply["pid"])
 
+    async def exec_tty(self, wire_plan: dict[str, Any], *, rows: int = 24, cols: int = 80) -> tuple[int, int]:
+        """Like exec(), on a pseudo-terminal made inside the service's own devpts (its controlling
+        terminal and stdio); returns (pid, the terminal's master fd), which the caller owns and relays."""
+        reply = await self._request({"op": "exec", "plan": {**wire_plan, "tty": [rows, cols]}})
+        fds = reply.pop("_fds", [])
+        if reply["op"] == "failed" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise LaunchError(
+                str(wire_plan.get("service")),
+                f"exec {reply.get('step', 'tty')}",
+                errno=reply.get("errno"),
+                path=reply.get("path") or None,
+                detail=reply.get("detail") or "no terminal came back",
+            )
+        return int(reply["pid"]), fds[0]
+
     async def wait(self, pid: int) -> Exit:
         """Wait for the service process `pid` to end."""
         if pid not in self._exits:
@@ -177,7 +194,7 @@ class Launcher:
     async def _read_loop(self) -> None:
         while True:
             try:
-                data = self._sock.recv(1 << 20)
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, 4)
             except BlockingIOError:
                 await anyio.wait_readable(self._sock)
                 continue
@@ -192,10 +209,17 @@ class Launcher:
                     event.set()
                 return
             message = json.loads(data)
+            if fds:
+                message["_fds"] = fds  # a terminal's master (exec_tty)
             if message["op"] == "exited":
                 self._record_exit(Exit(message["pid"], message["code"], message["signal"]))
             else:
-                event, box = self._replies.pop(message["id"])
+                waiting = self._replies.pop(message["id"], None)
+                if waiting is None:  # its caller was cancelled meanwhile
+                    for fd in message.get("_fds", []):
+                        os.close(fd)
+                    continue
+                event, box = waiting
                 box.append(message)
                 event.set()
 

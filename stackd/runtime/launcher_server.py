@@ -11,6 +11,8 @@ Protocol, over one AF_UNIX SOCK_SEQPACKET socket (one JSON object a message):
   <- {"op": "exited", "pid": P, "code": C|null, "signal": S|null}
   -> {"op": "exec", "id": N, "plan": {...exec_plan()...}}  with fds [stdin, stdout, stderr] attached
   <- "started" / "failed" as for a launch, then "exited" for the exec'd process
+     With "tty": [rows, cols] in the plan, no fds are sent: the process gets a pseudo-terminal made in
+     the service's own devpts, and "started" carries its master fd (the caller relays it).
   -> {"op": "ping", "id": N}   <- {"op": "pong", "id": N}
 The launcher exits when the socket closes; the services it started keep running (`stackd down`
 kills them through their cgroups).
@@ -29,7 +31,7 @@ import socket
 import stat
 import sys
 
-from stackd._sys import caps, linux, netdev
+from stackd._sys import caps, linux, netdev, pty
 from stackd._sys.inroot import open_in_root
 
 TYPE_CHECKING = False
@@ -183,7 +185,28 @@ def _exec_stage_one(plan: dict[str, Any], status_fd: int, fds: list[int]) -> Non
         os.write(status_fd, json.dumps({"pid": pid}).encode() + b"\n")
         os._exit(0)
     os.chdir("/")  # the root of the service's mount namespace
+    if plan.get("tty"):
+        fds = _service_terminal(plan, status_fd)
     _become_service(plan, fds[0], fds[1], fds[2])
+
+
+def _service_terminal(plan: dict[str, Any], status_fd: int) -> list[int]:
+    """A pseudo-terminal of the service's devpts (its mount namespace is joined): the slave becomes the
+    controlling terminal and stdio of this process; the master goes to the launcher (SCM_RIGHTS)."""
+    with _Step("open pseudo-terminal", "/dev/pts/ptmx"):
+        master, slave = pty.open_pty("/dev/pts/ptmx")
+        rows, cols = plan["tty"]
+        pty.set_window_size(slave, rows, cols)
+    with _Step("send pseudo-terminal"):
+        channel = socket.socket(fileno=status_fd)
+        try:
+            socket.send_fds(channel, [b'{"tty": 1}\n'], [master])
+        finally:
+            channel.detach()
+        os.close(master)
+    with _Step("controlling terminal"):
+        pty.make_controlling(slave)
+    return [slave, slave, slave]
 
 
 def _stage_two(plan: dict[str, Any], stdout_fd: int, stderr_fd: int) -> None:
@@ -229,6 +252,10 @@ def _become_service(plan: dict[str, Any], stdin_fd: int, stdout_fd: int, stderr_
     uid, gid, groups, home = _resolve_user(plan["user"], plan["group"])
     env = dict(plan["env"])
     env.setdefault("HOME", home)
+    if plan.get("tty"):
+        env.setdefault("TERM", "xterm")
+        with _Step("chown terminal"):
+            os.fchown(stdin_fd, uid, -1)  # as a login gives it: the user owns its terminal
     _set_stdio(stdin_fd, stdout_fd, stderr_fd)
     workdir = plan["working_dir"]
     with _Step("chdir", workdir):
@@ -513,9 +540,12 @@ class Launcher:
                 if key.data(key.fileobj) is False:
                     return
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         try:
-            self.control.send(json.dumps(message).encode())
+            if fds:
+                socket.send_fds(self.control, [json.dumps(message).encode()], fds)
+            else:
+                self.control.send(json.dumps(message).encode())
         except OSError:
             pass  # the supervisor is gone; services keep running
 
@@ -539,7 +569,13 @@ class Launcher:
     def _launch(self, request: dict[str, Any], fds: list[int]) -> None:
         plan = request["plan"]
         guard = _read_host_sysctls(plan) if request["op"] == "launch" else {}
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        channel: socket.socket | None = None
+        if request["op"] == "exec" and plan.get("tty"):
+            # A socket instead of a pipe: the child sends the terminal's master fd through it.
+            channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            status_r, status_w = channel.fileno(), theirs.detach()
+        else:
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
         userns: tuple[int, int] | None = None
         if request["op"] == "launch" and plan.get("uid_map"):
             try:
@@ -547,6 +583,7 @@ class Launcher:
             except StepError as error:
                 os.close(status_r)
                 os.close(status_w)
+                channel = None
                 for fd in fds:
                     os.close(fd)
                 self.send({"op": "failed", "id": request["id"], **error.to_message()})
@@ -561,12 +598,17 @@ class Launcher:
             os.close(fd)
         self.first_children.add(pid)
         os.set_blocking(status_r, False)
-        self.pending[status_r] = {"id": request["id"], "pid": None, "buffer": b"", "guard": guard}
+        self.pending[status_r] = {"id": request["id"], "pid": None, "buffer": b"", "guard": guard, "channel": channel}
         self.selector.register(status_r, selectors.EVENT_READ, self._on_status)
 
     def _on_status(self, fd: int) -> bool:
         state = self.pending[fd]
-        chunk = os.read(fd, 65536)
+        channel = state["channel"]
+        if channel is None:
+            chunk = os.read(fd, 65536)
+        else:
+            chunk, fds, _flags, _addr = socket.recv_fds(channel, 65536, 1)
+            state.setdefault("fds", []).extend(fds)
         if chunk:
             state["buffer"] += chunk
             lines = state["buffer"].split(b"\n")
@@ -575,14 +617,20 @@ class Launcher:
                 if "pid" in message:
                     state["pid"] = message["pid"]
                     self.launching[message["pid"]] = fd
+                elif "tty" in message:
+                    pass  # the master fd came with it
                 else:
                     state.setdefault("error", message)  # the first failure is the cause
             state["buffer"] = lines[-1]
             return True
         # EOF: the service exec'd (the pipe is close-on-exec) or failed after reporting why.
         self.selector.unregister(fd)
-        os.close(fd)
+        if channel is None:
+            os.close(fd)
+        else:
+            channel.close()
         del self.pending[fd]
+        passed = state.get("fds", [])
         pid = state["pid"]
         error = state.get("error")
         if error is None and pid is None:
@@ -597,13 +645,17 @@ class Launcher:
         if pid is not None:
             self.launching.pop(pid, None)
         if error is not None:
+            for passed_fd in passed:
+                os.close(passed_fd)
             self.send({"op": "failed", "id": state["id"], **error})
             if pid is not None and pid in self.held_exits:
                 del self.held_exits[pid]
             elif pid is not None:
                 self.held_exits[pid] = -1  # swallow its exit: the caller heard "failed"
             return True
-        self.send({"op": "started", "id": state["id"], "pid": pid})
+        self.send({"op": "started", "id": state["id"], "pid": pid}, passed)
+        for passed_fd in passed:
+            os.close(passed_fd)
         if pid in self.held_exits:
             self._report_exit(pid, self.held_exits.pop(pid))
         return True

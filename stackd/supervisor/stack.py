@@ -24,9 +24,10 @@ from stackd.runtime.instance import HostFacts
 from stackd.runtime.launcher import Launcher
 from stackd.runtime.paths import StackPaths
 from stackd.spec.graph import needs, with_dependencies
-from stackd.spec.models import Stack
+from stackd.spec.models import Service, Stack
 from stackd.supervisor.cleanup import remove_recorded
 from stackd.supervisor.network import StackNetworking
+from stackd.supervisor.reconcile import Changes, reconcile
 from stackd.supervisor.runner import Emit, OutputSink, ServiceRunner
 from stackd.supervisor.state import StateRecord
 from stackd.supervisor.status import ServiceStats, ServiceStatus, service_stats, service_status
@@ -51,25 +52,30 @@ class StackSupervisor:
         self.paths = paths
         self.record = record
         self._emit = emit
-        facts = HostFacts.gather()
+        self.launcher = launcher  # also runs `stackd exec` (supervisor/control.py)
+        self._facts, self._output = HostFacts.gather(), output
         self.network = StackNetworking(stack, paths, record)
-        self.runners = {
-            name: ServiceRunner(
-                service,
-                project=stack.name,
-                paths=paths,
-                facts=facts,
-                launcher=launcher,
-                record=record,
-                output=output,
-                emit=emit,
-                network=self.network,
-            )
-            for name, service in stack.services.items()
-        }
+        self.runners = {name: self.new_runner(service) for name, service in stack.services.items()}
         self._selected: list[str] = []
         self._stopping = False
         self._tasks: anyio.abc.TaskGroup | None = None  # where services run; open while the supervisor is
+
+    def new_runner(self, service: Service) -> ServiceRunner:
+        return ServiceRunner(
+            service,
+            project=self.stack.name,
+            paths=self.paths,
+            facts=self._facts,
+            launcher=self.launcher,
+            record=self.record,
+            output=self._output,
+            emit=self._emit,
+            network=self.network,
+        )
+
+    async def apply(self, stack: Stack, services: Iterable[str] | None = None) -> Changes:
+        """`up -d` again: recreate what changed in `stack`, remove what left it (supervisor/reconcile.py)."""
+        return await reconcile(self, stack, list(services) if services else None)
 
     @classmethod
     @asynccontextmanager
@@ -135,9 +141,7 @@ class StackSupervisor:
         try:
             return self.runners[name]
         except KeyError:
-            raise StackdError(
-                f"no such service: {name} (services: {', '.join(self.stack.services)})"
-            ) from None
+            raise StackdError(f"no such service: {name} (services: {', '.join(self.stack.services)})") from None
 
     async def start_service(self, name: str) -> None:
         """Start a service that is not running, with what it depends on that is not running either."""
