@@ -42,3 +42,36 @@ def test_the_pipeline_example_moves_jobs_and_stops_cleanly(tmp_path: Path, leak_
     assert "prepare  | prepared the queue" in out
     assert "consumer | job 1" in out
     assert '"event": "healthy"' in err and '"service": "producer"' in err
+
+
+def test_the_redis_app_example_suite_passes(tmp_path: Path, leak_check: LeakGuard) -> None:
+    """examples/redis-app: an async application's own tests, a real redis-server per test (the plugin)."""
+    prefix = f"exredis{os.getpid()}"
+    leak_check.track(prefix)
+    assert shutil.which("redis-server"), "redis-server is missing: run ./scripts/install-system-deps"
+    example = EXAMPLES / "redis-app"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            f"stackd_project_prefix={prefix}",
+            "--stackd-state-dir",
+            str(tmp_path / "run"),
+            "--stackd-log-dir",
+            str(tmp_path / "log"),
+            "--stackd-leak-check",
+            "--basetemp",
+            str(tmp_path / "basetemp"),
+        ],
+        cwd=example,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout
