@@ -810,26 +810,12 @@ async def _write_all_and_close(fd: int, data: bytes) -> None:
 
 def supervisor_alive(paths: StackPaths) -> int | None:
     """The pid of the live process that runs the project of `paths`, or None when none does (no record,
-    or its writer died: what it left may be removed).
-
-    The record names its writer's pid; a pid is reused after its process died, so the process found
-    must also have started before the record was last written (any process, not only `stackd`: the
-    Python API runs a supervisor inside test runners and tools)."""
-    file = paths.state / "state.json"
+    or its writer died: what it left may be removed). Any process counts, not only `stackd`: the Python
+    API runs a supervisor inside test runners and tools; the record's start time tells a reused pid apart."""
     record = StateRecord.load(paths)
-    if record is None or not record.supervisor_pid:
+    if record is None or not record.supervisor_alive():
         return None
-    pid = record.supervisor_pid
-    try:
-        written = file.stat().st_mtime
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError):
-        return None
-    started = boot + int(stat[stat.rfind(")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
-    return pid if started <= written + 1.0 else None
+    return record.supervisor_pid
 
 
 # --- open_stack -------------------------------------------------------------------------------------------

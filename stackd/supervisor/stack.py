@@ -11,7 +11,6 @@ depends on it has stopped.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -93,7 +92,7 @@ class StackSupervisor:
                 )
             await remove_recorded(previous)  # what a dead supervisor left behind
         source = str(stack.source.resolve()) if stack.source else ""
-        record = StateRecord(paths, supervisor_pid=os.getpid(), stack_file=source)
+        record = StateRecord.for_this_process(paths, source)
         record.save()
         try:
             async with Launcher.open() as launcher:

@@ -28,6 +28,10 @@ class StateRecord:
     paths: StackPaths
     supervisor_pid: int | None = None
     stack_file: str | None = None
+    #: When the supervisor started (clock ticks after boot, /proc/PID/stat field 22): with the pid, it
+    #: names one process for as long as the host runs, whatever its command line (the Python API runs a
+    #: supervisor inside pytest or any other program).
+    supervisor_start: int | None = None
     #: kind -> name -> details. Kinds: "cgroup" (details: paths), "dir" (path).
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -42,7 +46,19 @@ class StateRecord:
             data = json.loads((paths.state / "state.json").read_text())
         except FileNotFoundError:
             return None
-        return cls(paths, data.get("supervisor_pid"), data.get("stack_file"), data.get("resources", {}))
+        return cls(
+            paths,
+            supervisor_pid=data.get("supervisor_pid"),
+            stack_file=data.get("stack_file"),
+            supervisor_start=data.get("supervisor_start"),
+            resources=data.get("resources", {}),
+        )
+
+    @classmethod
+    def for_this_process(cls, paths: StackPaths, stack_file: str | None) -> StateRecord:
+        """A new record whose supervisor is the calling process."""
+        pid = os.getpid()
+        return cls(paths, pid, stack_file, supervisor_start=process_start(pid))
 
     def add(self, kind: str, name: str, **details: Any) -> None:
         """Write down a resource before creating it."""
@@ -71,6 +87,7 @@ class StateRecord:
             "project": self.paths.project,
             "supervisor_pid": self.supervisor_pid,
             "stack_file": self.stack_file,
+            "supervisor_start": self.supervisor_start,
             "resources": self.resources,
         }
         temporary = self.file.with_suffix(".tmp")
@@ -81,17 +98,26 @@ class StateRecord:
         os.replace(temporary, self.file)
 
     def supervisor_alive(self) -> bool:
-        """Whether the supervisor that wrote this record still runs."""
+        """Whether the supervisor that wrote this record still runs (not another process that was given
+        its pid after it died)."""
         if not self.supervisor_pid:
             return False
-        try:
-            os.kill(self.supervisor_pid, 0)
-        except ProcessLookupError:
+        started = process_start(self.supervisor_pid)
+        if started is None:
             return False
-        except PermissionError:
-            return True
-        # A reused pid is not our supervisor: check that it is a stackd process.
+        if self.supervisor_start is not None:
+            return started == self.supervisor_start
+        # A record written before the start time was kept: a reused pid is rarely a stackd process.
         with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{self.supervisor_pid}/cmdline").read_bytes()
-            return b"stackd" in cmdline
+            return b"stackd" in Path(f"/proc/{self.supervisor_pid}/cmdline").read_bytes()
         return False
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after its last ")".
+    return int(stat[stat.rfind(")") + 2 :].split()[19])
