@@ -60,6 +60,9 @@ class Launcher:
         self._listeners: list[Callable[[Exit], None]] = []
         self._closed = False
         self._send_lock = anyio.Lock()
+        # The read loop is shielded from the caller's cancellation: a supervisor that is cancelled still
+        # needs the exits of the services it stops. Only leaving open() ends it.
+        self._read_scope = anyio.CancelScope(shield=True)
 
     @classmethod
     @asynccontextmanager
@@ -83,13 +86,13 @@ class Launcher:
         failure: BaseException | None = None
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(launcher._read_loop)
+                group.start_soon(launcher._read_until_closed)
                 try:
                     yield launcher
                 except BaseException as error:  # re-raised below, unwrapped from the task group
                     failure = error
                 finally:
-                    group.cancel_scope.cancel()
+                    launcher._read_scope.cancel()
             if failure is not None:
                 raise failure
         finally:
@@ -190,6 +193,10 @@ class Launcher:
                 self._closed = True
                 service = str(message.get("plan", {}).get("service", "?"))
                 raise LaunchError(service, "launcher", errno=error.errno, detail="the launcher process died") from None
+
+    async def _read_until_closed(self) -> None:
+        with self._read_scope:
+            await self._read_loop()
 
     async def _read_loop(self) -> None:
         while True:

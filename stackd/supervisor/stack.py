@@ -58,6 +58,9 @@ class StackSupervisor:
         self._selected: list[str] = []
         self._stopping = False
         self._tasks: anyio.abc.TaskGroup | None = None  # where services run; open while the supervisor is
+        # Each service's task is shielded from the caller's cancellation, so that a cancelled supervisor
+        # still stops its services the orderly way (down() needs their tasks); open() ends them after.
+        self._service_scopes: set[anyio.CancelScope] = set()
 
     def new_runner(self, service: Service) -> ServiceRunner:
         return ServiceRunner(
@@ -103,6 +106,8 @@ class StackSupervisor:
                     finally:
                         with anyio.CancelScope(shield=True):
                             await supervisor.down()
+                        for scope in list(supervisor._service_scopes):
+                            scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 problems = await remove_recorded(record)
@@ -131,7 +136,7 @@ class StackSupervisor:
             self._emit("network", "", subnet=str(network.subnet), bridge=network.bridge, gateway=str(network.gateway))
         self._selected = list(dict.fromkeys([*self._selected, *names]))
         for name in names:
-            self._tasks.start_soon(self._start_when_ready, name)
+            self._tasks.start_soon(self._run_service, name)
 
     # -- operations on services of a running stack (stackd start/stop/restart/kill/pause, the API) --
 
@@ -202,6 +207,14 @@ class StackSupervisor:
         await self.stop_service(name, grace=grace)
         runner.rearm()
         await self._start([name])
+
+    async def _run_service(self, name: str) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._service_scopes.add(scope)
+            try:
+                await self._start_when_ready(name)
+            finally:
+                self._service_scopes.discard(scope)
 
     async def _start_when_ready(self, name: str) -> None:
         runner = self.runners[name]

@@ -160,3 +160,29 @@ async def test_a_crash_loop_backs_off_and_a_stable_run_resets_the_delay(tmp_path
     assert 0.05 <= waits[0] < waits[1] < waits[2] and waits[2] >= 0.2  # the streak grows...
     assert 0.05 <= waits[3] < 0.2  # ...and the 0.6 s run ended it
     assert exits[3] - starts[3] >= 0.6
+
+
+async def test_a_cancelled_caller_still_gets_everything_stopped_and_removed(tmp_path: Path, project: str) -> None:
+    """A timeout around the whole supervisor (not only around up) cancels it; the teardown still runs to
+    the end: the service gets its stop signal and the exit is recorded, and nothing is left."""
+    toml = """
+        [services.web]
+        command = ["sh", "-c", "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done"]
+    """
+    stack = parse_stack(toml, file=tmp_path / "stack.toml", project=project)
+    paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
+    sink = Collect()
+    started = time.monotonic()
+    with anyio.move_on_after(1.0) as scope:
+        async with (
+            LogRouter(paths.logs) as router,
+            StackSupervisor.open(stack, emit=sink.emit, output=router, paths=paths) as supervisor,
+        ):
+            await supervisor.up()
+    assert scope.cancelled_caught
+    assert time.monotonic() - started < 5, "the teardown waited for something a cancellation had cut"
+    ((_, exited),) = sink.of("exited", "web")
+    assert exited.get("code") == 0 and not sink.of("killing", "web")
+    lines = [line.raw() for line in read_log(log_path(paths.logs, "web"))]
+    assert lines == [b"up\n", b"bye\n"]
+    assert not (tmp_path / "state" / project).exists()
