@@ -123,6 +123,9 @@ class ServiceRunner:
                 try:
                     await self._start_once()
                 except LaunchError as error:
+                    if self._stop_requested:  # stopped while starting: its cgroup was killed, no failure
+                        self.state = "stopped"
+                        return
                     self.state = "exited"
                     self.last_reason = str(error)
                     self._emit("failed", self.name, error=str(error))

@@ -110,12 +110,12 @@ def test_down_after_the_supervisor_was_sigkilled_leaves_nothing(tmp_path: Path, 
     try:
         wait_for(lambda: len(processes_in(project)) >= 4)
         again.send_signal(signal.SIGTERM)
-        again.communicate(timeout=20)
+        _, err = again.communicate(timeout=20)
     finally:
         if again.poll() is None:
             again.kill()
             again.wait()
-    assert again.returncode == 0
+    assert again.returncode == 0, err
     assert processes_in(project) == []
 
 
