@@ -14,6 +14,10 @@ Per network_mode:
   it, so that the sharer and every restart see the same namespace);
 - "host": nothing.
 
+The stack's firewall (runtime/network/firewall.py: an nftables table named after the bridge) is made
+with the bridge and removed after it: stacks cannot reach each other, services reach the host only at
+their gateway, and `[network] outbound = true` adds the way out.
+
 Everything is written to the state record before it is created, so `stackd down` can remove it after
 the supervisor died by SIGKILL (teardown_from_record).
 """
@@ -54,6 +58,7 @@ from stackd.runtime.network import (
     write_names_files,
 )
 from stackd.runtime.network.bridge import ensure_bridge
+from stackd.runtime.network.firewall import StackFirewall, install_firewall, remove_firewall
 from stackd.runtime.network.hosts import HostsEntry
 from stackd.runtime.network.names import bridge_name, netns_dir
 from stackd.runtime.network.netns import create_namespaces, prepare_pin_dir, release_pin_dir, unpin
@@ -161,12 +166,17 @@ class StackNetworking:
         )
         points = [endpoint(network, self.paths, name, addresses[name]) for name in names]
         self.record.add_all(ENDPOINT, {p.service: p.to_record() for p in points})
+        outbound = self.stack.network.outbound
         if first:
             await create_network(network, self.paths, points)
+            # The network record (bridge, subnet, outbound) is the firewall's record too.
+            await install_firewall(StackFirewall.for_network(network, outbound=outbound))
         else:
             async with host_rtnl() as host:
                 bridge = await ensure_bridge(host, network.bridge, network.subnet, mtu=network.mtu)
                 await attach_endpoints(network, points, bridge_index=bridge.index, ipr=host)
+            if outbound:  # ensure_bridge turned the bridge's forwarding off again
+                await install_firewall(StackFirewall.for_network(network, outbound=True))
         self.endpoints.update({p.service: p for p in points})
 
     async def _pin_isolated(self, names: list[str]) -> None:
@@ -269,6 +279,10 @@ async def teardown_from_record(record: StateRecord, *, timeout: float | None = N
             f"service {service}: its network namespace is still held by pid(s) {', '.join(map(str, pids))}"
             for service, pids in report.held.items()
         ]
+        try:
+            await remove_firewall(network.bridge)
+        except NetworkError as error:
+            problems.append(str(error))
     else:
         release_pin_dir(netns_dir(record.paths))
     record.forget_all([NETWORK, ENDPOINT, PIN])

@@ -21,6 +21,7 @@ import anyio.abc
 from stackd.errors import StackdError
 from stackd.runtime.instance import HostFacts
 from stackd.runtime.launcher import Launcher
+from stackd.runtime.network.publish import PortPublisher
 from stackd.runtime.paths import StackPaths
 from stackd.spec.graph import needs, with_dependencies
 from stackd.spec.models import Service, Stack
@@ -54,6 +55,7 @@ class StackSupervisor:
         self.launcher = launcher  # also runs `stackd exec` (supervisor/control.py)
         self._facts, self._output = HostFacts.gather(), output
         self.network = StackNetworking(stack, paths, record)
+        self.publisher = PortPublisher()  # published ports: listeners of this process (no task, no rule)
         self.runners = {name: self.new_runner(service) for name, service in stack.services.items()}
         self._selected: list[str] = []
         self._stopping = False
@@ -105,7 +107,10 @@ class StackSupervisor:
                         yield supervisor
                     finally:
                         with anyio.CancelScope(shield=True):
-                            await supervisor.down()
+                            try:
+                                await supervisor.down()
+                            finally:
+                                await supervisor.publisher.aclose()
                         for scope in list(supervisor._service_scopes):
                             scope.cancel()
         finally:
@@ -134,6 +139,7 @@ class StackSupervisor:
         if not had_network and self.network.network is not None:
             network = self.network.network
             self._emit("network", "", subnet=str(network.subnet), bridge=network.bridge, gateway=str(network.gateway))
+        await self._publish(names)
         self._selected = list(dict.fromkeys([*self._selected, *names]))
         for name in names:
             self._tasks.start_soon(self._run_service, name)
@@ -186,7 +192,25 @@ class StackSupervisor:
 
     def ports_of(self, name: str) -> tuple[str, ...]:
         """The service's published ports as "127.0.0.1:8080->80/tcp" (the actual host ports)."""
-        return ()
+        return tuple(str(port) for port in self.publisher.published(name))
+
+    async def _publish(self, names: list[str]) -> None:
+        """Listen on the host ports of these services (those not listening yet), before any of them
+        starts: a port that cannot be had fails the start with nothing of this call left bound."""
+        fresh: list[str] = []
+        try:
+            for name in names:
+                service = self.stack[name]
+                address = self.network.address(name)
+                if not service.ports or address is None or self.publisher.published(name):
+                    continue
+                ports = await self.publisher.publish(name, service.ports, address)
+                fresh.append(name)
+                self._emit("published", name, ports=[str(port) for port in ports])
+        except BaseException:
+            for name in fresh:
+                await self.publisher.unpublish(name)
+            raise
 
     def stats(self) -> list[ServiceStats]:
         """Resource use of every service that has a cgroup."""
@@ -200,6 +224,7 @@ class StackSupervisor:
         await runner.stop(grace=grace)
         if was_active:
             await runner.finished.wait()
+        await self.publisher.unpublish(name)  # as Docker does: a stopped service's ports are free
 
     async def restart_service(self, name: str, *, grace: float | None = None) -> None:
         """Stop the service if it runs, and start it again."""
@@ -275,6 +300,7 @@ class StackSupervisor:
                 await self.runners[name].stop(grace=grace)
             finally:
                 stopped[name].set()
+            await self.publisher.unpublish(name)
             await self.runners[name].remove()
 
         async with anyio.create_task_group() as group:

@@ -12,16 +12,19 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from stackd.runtime.network.names import bridge_name, link_prefixes
+from stackd.errors import NetworkError
+from stackd.runtime.network.firewall import list_stackd_tables, show_firewall
+from stackd.runtime.network.names import bridge_name, link_prefixes, nft_table_name
 from stackd.runtime.paths import StackPaths
 from stackd.spec import parse_stack
 from stackd.supervisor.logfile import log_path, read_log
@@ -53,9 +56,11 @@ async def running(toml: str, tmp_path: Path, project: str) -> AsyncIterator[Stac
     """The stack's supervisor, open (the network is made by `up()`), closed and cleaned on exit."""
     stack = parse_stack(textwrap.dedent(toml), file=tmp_path / "stack.toml", project=project)
     paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
-    async with LogRouter(paths.logs) as router, StackSupervisor.open(stack, emit=Events().emit, output=router) as sup:
-        sup.paths = paths
-        yield sup
+    async with (
+        LogRouter(paths.logs) as router,
+        StackSupervisor.open(stack, emit=Events().emit, output=router, paths=paths) as supervisor,
+    ):
+        yield supervisor
 
 
 async def run_to_end(toml: str, tmp_path: Path, project: str, *, until: float | None = None) -> dict[str, str]:
@@ -299,3 +304,157 @@ def test_down_after_sigkill_of_the_supervisor_removes_the_network(tmp_path: Path
         assert down.returncode == 0, down.stderr
         assert links() == [] and pins() == []
         assert not (tmp_path / "run" / project).exists()
+
+
+HOST_PROBE = quoted("""
+    import socket, struct, sys, time
+    port, other = int(sys.argv[1]), sys.argv[2]
+    route = next(line.split() for line in open("/proc/net/route") if line.split()[1] == "00000000")
+    own = socket.inet_ntoa(struct.pack("<I", int(route[2], 16)))  # the default route's gateway
+    deadline = time.monotonic() + 5
+    while True:  # the host listens on the gateway once the test saw this service start
+        try:
+            print(own, socket.create_connection((own, port), timeout=1).recv(10).decode(), flush=True); break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline; time.sleep(0.02)
+    try:
+        socket.create_connection((other, port), timeout=1).recv(10); print(other, "reached", flush=True)
+    except OSError as error:
+        print(other, "blocked", type(error).__name__, flush=True)
+""")
+
+
+@contextmanager
+def host_listener(address: str, port: int) -> Iterator[None]:
+    """A socket of the host on `address` that greets every connection (served from a thread)."""
+    server = socket.create_server((address, port))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"host")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_service_reaches_the_host_only_at_its_gateway(tmp_path: Path, leak_check: LeakGuard) -> None:
+    """The host's other addresses (here: another stack's gateway) are closed to a service; without the
+    stack's firewall the kernel would deliver to them (any local address, whatever the interface)."""
+    a, b = f"ns-{secrets.token_hex(3)}", f"ns-{secrets.token_hex(3)}"
+    leak_check.track(a, b)
+    port = free_port()
+    probe = f'[services.probe]\ncommand = ["{PYTHON}", "-c", {HOST_PROBE}, "{port}", "GATEWAY_A"]'
+    async with (
+        running('[services.idle]\ncommand = ["sleep", "30"]', tmp_path / "a", a) as stack_a,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(stack_a.up)
+        await stack_a.runners["idle"].started.wait()
+        assert stack_a.network.network is not None
+        gateway_a = str(stack_a.network.network.gateway)
+        assert nft_table_name(bridge_name(a)) in await list_stackd_tables()
+        with host_listener(gateway_a, port):
+            async with running(probe.replace("GATEWAY_A", gateway_a), tmp_path / "b", b) as stack_b:
+                done = anyio.Event()
+
+                async def run_b() -> None:
+                    await stack_b.up()
+                    done.set()
+
+                group.start_soon(run_b)
+                await stack_b.runners["probe"].started.wait()
+                assert stack_b.network.network is not None
+                with host_listener(str(stack_b.network.network.gateway), port), anyio.fail_after(10):
+                    await done.wait()
+                gateway_b = str(stack_b.network.network.gateway)
+                lines = output_of(stack_b.paths, ["probe"])["probe"].splitlines()
+        group.cancel_scope.cancel()
+    assert lines[0] == f"{gateway_b} host"  # its own gateway: the host answers
+    assert lines[1].startswith(f"{gateway_a} blocked"), lines  # another address of the host: no
+
+
+async def greeting(port: int) -> bytes | None:
+    """What the host's loopback port answers (None: refused). Async: the proxy runs in this event loop."""
+    try:
+        with anyio.fail_after(5):
+            async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+                return await conn.receive(10)
+    except OSError:
+        return None
+
+
+async def test_a_published_port_answers_on_the_host_loopback(tmp_path: Path, project: str) -> None:
+    fixed = free_port()
+    toml = f"""
+        [services.web]
+        command = ["{PYTHON}", "-c", {SERVE_FOREVER}]
+        init = true
+        ports = ["{fixed}:7000", "7000"]
+    """
+    async with running(toml, tmp_path, project) as supervisor, anyio.create_task_group() as group:
+        group.start_soon(supervisor.up)
+        await supervisor.runners["web"].started.wait()
+        shown = supervisor.ports_of("web")
+        assert shown[0] == f"127.0.0.1:{fixed}->7000/tcp"  # the default host address is the loopback
+        random_port = int(re.fullmatch(r"127\.0\.0\.1:(\d+)->7000/tcp", shown[1])[1])  # type: ignore[index]
+        await _wait_listening(str(supervisor.network.address("web")))
+        assert await greeting(fixed) == b"hello" and await greeting(random_port) == b"hello"
+        assert [s.ports for s in supervisor.status()] == [shown]
+
+        await supervisor.stop_service("web")  # a stopped service's ports are free, as with Docker
+        assert await greeting(fixed) is None and supervisor.ports_of("web") == ()
+        await supervisor.start_service("web")
+        await supervisor.runners["web"].started.wait()
+        await _wait_listening(str(supervisor.network.address("web")))
+        assert await greeting(fixed) == b"hello"
+        group.cancel_scope.cancel()
+    assert await greeting(fixed) is None
+
+
+async def test_a_busy_host_port_fails_the_start_and_names_it(tmp_path: Path, project: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        toml = f"""
+            [services.web]
+            command = ["sleep", "30"]
+            ports = ["127.0.0.1:{port}:80"]
+        """
+        with pytest.raises(ExceptionGroup) as caught:  # from the supervisor's task group
+            async with running(toml, tmp_path, project) as supervisor:
+                await supervisor.up()
+        assert caught.group_contains(NetworkError, match=rf'service web: ports "127.0.0.1:{port}:80/tcp": cannot '
+                                     rf"listen on 127.0.0.1:{port}/tcp: address already in use")  # fmt: skip
+        assert not supervisor.runners["web"].started.is_set()  # it never started
+
+
+async def test_an_outbound_stack_gets_the_nat_rules_and_they_go_with_it(tmp_path: Path, project: str) -> None:
+    """Only the rules are checked: no traffic is sent anywhere outside this machine."""
+    toml = '[network]\noutbound = true\n[services.a]\ncommand = ["sleep", "30"]\n[services.b]\ncommand = ["true"]'
+    forwarding_before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    async with running(toml, tmp_path, project) as supervisor, anyio.create_task_group() as group:
+        group.start_soon(supervisor.up)
+        await supervisor.runners["a"].started.wait()
+        table = await show_firewall(bridge_name(project), counters=False)
+        assert table is not None and "masquerade" in table
+        assert Path(f"/proc/sys/net/ipv4/conf/{bridge_name(project)}/forwarding").read_text() == "1\n"
+        assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == "1\n"
+        group.cancel_scope.cancel()
+    assert await show_firewall(bridge_name(project)) is None
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forwarding_before
