@@ -75,3 +75,40 @@ def test_the_redis_app_example_suite_passes(tmp_path: Path, leak_check: LeakGuar
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout
+
+
+def test_the_hello_example_serves_its_page_by_name_and_on_the_host(tmp_path: Path, leak_check: LeakGuard) -> None:
+    """examples/hello: `up -d --wait`, the client fetches from `web` by name, the host from the published
+    port (moved to a free one here, so that the test never collides with a stack of the machine)."""
+    import socket
+    import urllib.request
+
+    leak_check.track("hello")
+    example = shutil.copytree(EXAMPLES / "hello", tmp_path / "hello")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stack = example / "stack.toml"
+    stack.write_text(stack.read_text().replace("127.0.0.1:28080:8000", f"127.0.0.1:{port}:8000"))
+    env = {**os.environ, "STACKD_STATE_DIR": str(tmp_path / "run"), "STACKD_LOG_DIR": str(tmp_path / "log")}
+
+    def stackd(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "stackd", "-f", str(stack), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    try:
+        up = stackd("up", "-d", "--wait")
+        assert up.returncode == 0, up.stderr
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
+        with direct.open(f"http://127.0.0.1:{port}/", timeout=5) as page:
+            assert page.read().decode().strip() == "hello from stackd"
+        ps = stackd("ps")
+        assert f"127.0.0.1:{port}->8000/tcp" in ps.stdout, ps.stdout
+        log = tmp_path / "log" / "hello" / "client.log"
+        deadline = time.monotonic() + 15
+        while not (log.exists() and b"hello from stackd" in log.read_bytes()):
+            assert time.monotonic() < deadline, "the client never fetched the page from web"
+            time.sleep(0.1)
+    finally:
+        down = stackd("down")
+    assert down.returncode == 0, down.stderr
