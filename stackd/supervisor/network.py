@@ -43,6 +43,7 @@ from stackd.runtime.network import (
     assign_addresses,
     attach_endpoints,
     create_network,
+    detach_endpoints,
     endpoint,
     name_binds,
     names_dir,
@@ -178,6 +179,33 @@ class StackNetworking:
             if outbound:  # ensure_bridge turned the bridge's forwarding off again
                 await install_firewall(StackFirewall.for_network(network, outbound=True))
         self.endpoints.update({p.service: p for p in points})
+
+    async def detach_unused(self) -> list[str]:
+        """Remove the endpoints and pins of services that left the stack or no longer have a namespace
+        of their own (a changed `network_mode`), after their processes are gone; rewrite the names.
+        Returns problems, as teardown_from_record does."""
+
+        def unused(name: str, kind: str) -> bool:
+            return name not in self.stack.services or self.stack[name].network_mode.kind != kind
+
+        going = [point for name, point in self.endpoints.items() if unused(name, "bridge")]
+        problems: list[str] = []
+        if going:
+            report = await detach_endpoints(going)
+            problems += [
+                f"service {service}: its network namespace is still held by pid(s) {', '.join(map(str, pids))}"
+                for service, pids in report.held.items()
+            ]
+            for point in going:
+                del self.endpoints[point.service]
+                self.record.discard(ENDPOINT, point.service)
+        for name in [n for n in self.pins if unused(n, "none")]:
+            with contextlib.suppress(NetworkError):
+                unpin(netns_path(self.paths, name))
+            self.pins.discard(name)
+            self.record.discard(PIN, name)
+        self.write_names()
+        return problems
 
     async def _pin_isolated(self, names: list[str]) -> None:
         """Pinned namespaces with only `lo` (up), for "none" services that another service shares."""

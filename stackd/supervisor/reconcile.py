@@ -121,6 +121,8 @@ async def reconcile(supervisor: StackSupervisor, stack: Stack, services: list[st
             else:
                 runners[name] = old_runners[name]
         supervisor.runners = runners
+        for problem in await supervisor.network.detach_unused():  # what left the stack leaves its network
+            supervisor._emit("cleanup-failed", "", problem=problem)
         fresh = set(plan.created) | set(plan.recreated)
         supervisor._selected = [name for name in supervisor._selected if name in stack.services and name not in fresh]
         wanted = with_dependencies(stack, services or list(stack.services))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
 from clirun import Cli, processes_in, wait_for
+
+from stackd.runtime.network.names import veth_name
 
 BASE = """
 [services.db]
@@ -62,6 +65,13 @@ def test_up_again_recreates_only_what_changed(cli: Cli) -> None:
     assert after["db"] == before["db"] and after["cache"] == before["cache"], "unchanged services keep running"
     assert after["web"] != before["web"] and after["sidecar"] != before["sidecar"]
     assert not os.path.exists(f"/proc/{before['old']}")
+    # old's network left with it: its veth and pinned namespace, its line in the stack's hosts file.
+    names = {name for _, name in socket.if_nameindex()}
+    assert veth_name(cli.project, "old") not in names and veth_name(cli.project, "db") in names, names
+    assert not (cli.state / "netns" / "old").exists() and (cli.state / "netns" / "db").exists()
+    hosts = (cli.state / "network" / "hosts").read_text()  # what every service sees as /etc/hosts
+    named = {name for line in hosts.splitlines() if not line.startswith("#") for name in line.split()[1:]}
+    assert "new" in named and "old" not in named
     ns = {name: os.readlink(f"/proc/{after[name]}/ns/net") for name in ("web", "sidecar")}
     assert ns["web"] == ns["sidecar"]
     assert "up to date" in cli("up", "-d").stderr
