@@ -197,6 +197,9 @@ class ServiceRunner:
         return exit
 
     def _health_changed(self, status: str, probe: Probe) -> None:
+        going = self._stop_requested or (self.pid is not None and self._launcher.exited(self.pid) is not None)
+        if status == "unhealthy" and going:
+            return  # the probe failed because the service is stopping or has ended: that is reported
         self.health = status
         self._emit(status, self.name, detail=probe.detail[-200:])
         if status == "healthy":

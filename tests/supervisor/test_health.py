@@ -67,3 +67,20 @@ async def test_an_unhealthy_service_is_only_reported_by_default(tmp_path: Path, 
     sink = await run_stack(toml, tmp_path, project, until=1.0)
     assert len(sink.of("unhealthy", "stuck")) == 1
     assert len(sink.of("started", "stuck")) == 1
+
+
+async def test_a_probe_cut_short_by_the_stop_is_not_reported_unhealthy(tmp_path: Path, project: str) -> None:
+    """Probes run every 10 ms and last about as long: at the stop one is usually in flight, and the
+    cgroup kill ends it with a failure that says nothing about the service's health."""
+    toml = """
+        [services.a]
+        command = ["sleep", "30"]
+        healthcheck = { test = ["CMD", "sh", "-c", "sleep 0.005"], interval = "10ms", retries = 1 }
+        [services.b]
+        command = ["sleep", "30"]
+        healthcheck = { test = ["CMD", "sh", "-c", "sleep 0.005"], interval = "10ms", retries = 1 }
+    """
+    for _ in range(5):
+        sink = await run_stack(toml, tmp_path, project, until=0.3)
+        assert len(sink.of("healthy")) == 2
+        assert sink.of("unhealthy") == [], sink.of("unhealthy")
