@@ -2,7 +2,7 @@
 
 `stackd down` reads it to remove everything a supervisor made, also after that supervisor died by
 SIGKILL (design.md §3). The record is one JSON file, `<state>/<project>/state.json`, replaced
-atomically (write a temporary file, fsync, rename) at every change.
+atomically (write a temporary file, rename it over the record) at every change.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
 
 __all__ = ["StateRecord"]
@@ -42,10 +43,16 @@ class StateRecord:
     @classmethod
     def load(cls, paths: StackPaths) -> StateRecord | None:
         """The record of a project, or None when it has none."""
+        file = paths.state / "state.json"
         try:
-            data = json.loads((paths.state / "state.json").read_text())
+            data = json.loads(file.read_text())
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as error:  # only a crash of the host leaves a torn record
+            raise StackdError(
+                f"{file}: the state record of project {paths.project} cannot be read ({error}); after a "
+                f"reboot nothing it lists exists any more: remove {paths.state} by hand"
+            ) from None
         return cls(
             paths,
             supervisor_pid=data.get("supervisor_pid"),
@@ -91,10 +98,11 @@ class StateRecord:
             "resources": self.resources,
         }
         temporary = self.file.with_suffix(".tmp")
+        # No fsync: the rename alone is atomic against the death of this process, the one fault the
+        # record is for. What it describes (namespaces, links, cgroups, mounts) does not outlive a
+        # crash of the host; fsync cost 0.3-1 ms a save on ext4, 16 saves per 3-service stack.
         with open(temporary, "w") as handle:
             json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(temporary, self.file)
 
     def supervisor_alive(self) -> bool:
