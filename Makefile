@@ -27,9 +27,11 @@ lint: setup
 	$(BIN)/ruff check stackd tests
 	$(BIN)/mypy stackd
 
+BENCHMARKS ?= launch network stack logs publish control fixture
+
 bench: setup
 	./scripts/install-bench-deps
-	$(BIN)/python benchmarks/launch.py
+	set -e; for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
