@@ -9,6 +9,10 @@ event, which the supervisor sends only once every byte is in the log file: MB/s 
 supervisor to disk. Scenarios: nobody watching; then 20 `stackd logs -f burst` processes (stdout to
 /dev/null) and `--ps-clients` threads calling `ps` over the control socket in a loop. Prints medians and
 the ratio, and `ps` latencies (idle, and under the burst with the followers).
+
+On a machine with few cores the watchers mostly take CPU away from the service and the supervisor;
+`--nice 19` runs them at the lowest priority, so that the ratio shows what they do to the supervisor
+itself; `--follower tail` replaces the followers with `tail -F` on the log file (no stackd at all).
 """
 
 from __future__ import annotations
@@ -51,7 +55,16 @@ def main() -> None:
     parser.add_argument(
         "--follower", choices=("stackd", "tail"), default="stackd", help="tail: `tail -F` instead (a C baseline)"
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the followers and the ps threads at this niceness (19: they take only the CPU the "
+        "service and the supervisor leave, so what remains is their effect on the supervisor)",
+    )
     options = parser.parse_args()
+    global NICE
+    NICE = options.nice
 
     root = Path(tempfile.mkdtemp(prefix="stackd-bench-control-"))
     project = f"bc-{secrets.token_hex(3)}"
@@ -83,6 +96,7 @@ def main() -> None:
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    preexec_fn=(lambda: os.nice(options.nice)) if options.nice else None,
                 )
             )
         time.sleep(1.5)  # the followers are following
@@ -94,7 +108,7 @@ def main() -> None:
             threads = [threading.Thread(target=flood, args=(paths, stop, latencies)) for _ in range(options.ps_clients)]
             for thread in threads:
                 thread.start()
-            busy.append(burst(paths, root))
+            busy.append(burst(paths, root, "watched"))
             stop.set()
             for thread in threads:
                 thread.join()
@@ -116,19 +130,35 @@ def main() -> None:
         f"  {options.followers} `logs -f` + {options.ps_clients} ps floods:       "
         f"{size / b:7.1f} MB/s  ({b:.3f} s)   ratio {q / b:.2f}"
     )
+    for scenario in ("quiet", "watched"):
+        spent = statistics.median(c for s, c in CPU_SPENT if s == scenario)
+        print(f"  the supervisor's CPU per burst, {scenario:>7}: {spent:.3f} s ({spent / size * 1000:.2f} ms per MB)")
     print(f"  ps requests answered during the loaded bursts: {len(loaded_ps)}")
     for name, values in (("idle", idle_ps), ("under load", loaded_ps)):
+        if not values:
+            continue
         values = sorted(values)
         p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
         print(f"  ps latency {name:>10}: median {statistics.median(values) * 1000:6.2f} ms, p99 {p99 * 1000:6.2f} ms")
 
 
-def burst(paths: StackPaths, root: Path) -> float:
+CPU_SPENT: list[tuple[str, float]] = []  # (scenario, the supervisor's CPU seconds during one burst)
+
+
+def supervisor_cpu(paths: StackPaths) -> float:
+    """CPU seconds (user + system) the supervisor process has used so far."""
+    pid = json.loads((paths.state / "state.json").read_text())["supervisor_pid"]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst(paths: StackPaths, root: Path, scenario: str = "quiet") -> float:
     """Start `burst` (it waits for the trigger), trigger it, time until its exit is told."""
     with ControlClient.connect(paths) as control, ControlClient.connect(paths) as events:
         control.call("start", services=["burst"])
         events.send("events", services=["burst"])
         events.receive()
+        cpu = supervisor_cpu(paths)
         started = time.perf_counter()
         (root / "t" / "go").touch()
         while True:
@@ -137,7 +167,9 @@ def burst(paths: StackPaths, root: Path) -> float:
             if event.get("event") == "exited":
                 if event.get("code") != 0:
                     raise SystemExit(f"burst failed: {json.dumps(event)}")
-                return time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                CPU_SPENT.append((scenario, supervisor_cpu(paths) - cpu))
+                return elapsed
 
 
 def ps_latencies(paths: StackPaths, *, seconds: float, clients: int) -> list[float]:
@@ -153,7 +185,12 @@ def ps_latencies(paths: StackPaths, *, seconds: float, clients: int) -> list[flo
     return latencies
 
 
+NICE = 0
+
+
 def flood(paths: StackPaths, stop: threading.Event, latencies: list[float]) -> None:
+    if NICE:  # niceness is per thread on Linux
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
     with ControlClient.connect(paths) as client:
         while not stop.is_set():
             started = time.perf_counter()
