@@ -25,6 +25,7 @@ from stackd.runtime.network import (
     teardown_network,
     unpin,
 )
+from stackd.runtime.network.names import link_group
 from stackd.runtime.network.rtnl import batch, delete_link_message, open_rtnl
 
 pytestmark = pytest.mark.root
@@ -187,9 +188,14 @@ async def test_teardown_leaves_nothing(make_stack: MakeStack) -> None:
     assert len(nsfs_mounts_under(pins)) == 4  # the shared directory and three pins
     inodes = [namespace_inode(e.netns) for e in stack.endpoints.values()]
     assert all(inodes) and len(set(inodes)) == 3
+    group = link_group(stack.network.bridge)  # the bridge and the host ends share a netdev group
+    groups = {
+        name: host_link(name)["group"] for name in [stack.network.bridge, *(e.veth for e in stack.endpoints.values())]
+    }
+    assert set(groups.values()) == {str(group)}, groups
     report = await stack.teardown()
     assert report.clean and sorted(report.unpinned) == ["a", "b", "c"] and report.bridge_deleted
-    assert report.deleted_links == []  # the kernel removed every veth with its namespace
+    assert report.deleted_links == sorted(e.veth for e in stack.endpoints.values())  # with the group, at once
     assert nsfs_mounts_under(pins) == [] and not pins.exists()
     assert not any(link_exists(name) for name in stack.link_names)
     again = await stack.teardown()  # nothing left to do, and no error
@@ -252,7 +258,7 @@ async def test_a_held_namespace_is_unpinned_and_reported(make_stack: MakeStack) 
         time.sleep(0.2)  # nsenter has setns'd and exec'd sleep
         report = await stack.teardown(timeout=0.5)
         assert report.held == {"held": [stray.pid]}
-        assert report.deleted_links == [held.veth]  # cut off: its host end is gone
+        assert held.veth in report.deleted_links  # cut off: its host end is gone
         assert sorted(report.unpinned) == ["free", "held"]
         assert not held.netns.exists() and not link_exists(held.veth)
         assert ip_json(f"/proc/{stray.pid}/ns/net", "link")[0]["ifname"] == "lo"  # only lo left in there

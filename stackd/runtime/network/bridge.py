@@ -23,6 +23,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 
 from stackd.errors import NetworkError
 from stackd.runtime.network.addresses import gateway_of, mac_for
+from stackd.runtime.network.names import link_group
 from stackd.runtime.network.rtnl import (
     CREATE,
     address_message,
@@ -85,7 +86,8 @@ async def ensure_bridge(ipr: AsyncIPRoute, name: str, subnet: IPv4Network, *, mt
     index = int(link["index"])
     if made.error is not None:  # taken over: no address of another subnet may stay on it
         await _remove_other_addresses(ipr, name, index, f"{gateway}/{subnet.prefixlen}")
-    replies = await batch(ipr, [address_message(index, gateway, subnet, replace=True), link_up_message(index=index)])
+    up = link_up_message(index=index, group=link_group(name))
+    replies = await batch(ipr, [address_message(index, gateway, subnet, replace=True), up])
     check(replies, [f"bridge {name}: address {gateway}/{subnet.prefixlen}", f"bridge {name}: up"])
     _write_forwarding(name, "0")
     return Bridge(name, index, int(link.get("mtu") or mtu), made.error is None)

@@ -30,6 +30,7 @@ __all__ = [
     "INNER_IFNAME",
     "NFT_TABLE_PREFIX",
     "bridge_name",
+    "link_group",
     "link_prefixes",
     "names_dir",
     "netns_dir",
@@ -66,6 +67,15 @@ def _veth_prefix(project: str) -> str:
 def link_prefixes(project: str) -> tuple[str, ...]:
     """How the names of a project's links begin: its bridge's name, and its veths' common prefix."""
     return bridge_name(project), _veth_prefix(project)
+
+
+def link_group(bridge: str) -> int | None:
+    """The netdev group (IFLA_GROUP) of the stack's bridge and veth host ends: 31 bits of the bridge's
+    8 hex digits (the kernel keeps the group as a signed int, and `ip` prints it so), so that two
+    running stacks share a group about as rarely as a bridge name. Teardown deletes the whole group in
+    one request. None (no group) where that would be 0, the group of every other link of the host."""
+    number = int(bridge.removeprefix(_BRIDGE_PREFIX), 16) & 0x7FFFFFFF
+    return number or None
 
 
 def nft_table_name(bridge: str) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "check",
     "default_route_message",
     "delete_address_message",
+    "delete_group_message",
     "delete_link_message",
     "dump_addresses_message",
     "dump_routes_message",
@@ -170,8 +171,11 @@ def _header(message: nlmsg, kind: int, flags: int) -> nlmsg:
     return message
 
 
-def link_up_message(*, index: int = 0, ifname: str | None = None, master: int | None = None) -> ifinfmsg:
-    """Set a link up (found by index, or by name when index is 0), optionally enslaving it to `master`."""
+def link_up_message(
+    *, index: int = 0, ifname: str | None = None, master: int | None = None, group: int | None = None
+) -> ifinfmsg:
+    """Set a link up (found by index, or by name when index is 0), optionally enslaving it to `master`
+    and putting it in netdev `group`."""
     message = ifinfmsg()
     message["index"] = index
     message["flags"] = IFF_UP
@@ -181,6 +185,8 @@ def link_up_message(*, index: int = 0, ifname: str | None = None, master: int | 
         attrs.append(("IFLA_IFNAME", ifname))
     if master is not None:
         attrs.append(("IFLA_MASTER", master))
+    if group is not None:
+        attrs.append(("IFLA_GROUP", group))
     message["attrs"] = attrs
     return _header(message, RTM_NEWLINK, REQUEST)
 
@@ -201,6 +207,17 @@ def delete_link_message(*, ifname: str | None = None, index: int = 0) -> ifinfms
     message = ifinfmsg()
     message["index"] = index
     message["attrs"] = [("IFLA_IFNAME", ifname)] if ifname is not None else []
+    return _header(message, RTM_DELLINK, REQUEST)
+
+
+def delete_group_message(group: int) -> ifinfmsg:
+    """Delete every link of netdev `group` (not 0), in one unregister: one wait for RCU grace periods
+    for them all, where a link at a time waits once each."""
+    if not group:
+        raise ValueError("group 0 is every link's default group: never delete it")
+    message = ifinfmsg()
+    message["index"] = 0
+    message["attrs"] = [("IFLA_GROUP", group)]
     return _header(message, RTM_DELLINK, REQUEST)
 
 

@@ -31,7 +31,7 @@ from stackd.errors import NetworkError
 from stackd.runtime.network.addresses import gateway_of, mac_for, parse_subnet
 from stackd.runtime.network.bridge import DEFAULT_MTU, Bridge, ensure_bridge
 from stackd.runtime.network.inside import inside_messages
-from stackd.runtime.network.names import bridge_name, netns_dir, netns_path, veth_name
+from stackd.runtime.network.names import bridge_name, link_group, netns_dir, netns_path, veth_name
 from stackd.runtime.network.netns import PinnedNamespace, create_namespaces, prepare_pin_dir, unpin
 from stackd.runtime.network.rtnl import batch, check, delete_link_message, host_rtnl, open_rtnl
 from stackd.runtime.network.veth import host_end_message, veth_pair_message
@@ -137,7 +137,8 @@ async def attach_endpoints(
         async with host_rtnl(ipr) as host:
             for pinned, point in zip(pins, endpoints, strict=True):
                 await _configure_inside(network, point, pinned, host_fd, host)
-            replies = await batch(host, [host_end_message(e.veth, bridge_index) for e in endpoints])
+            group = link_group(network.bridge)
+            replies = await batch(host, [host_end_message(e.veth, bridge_index, group) for e in endpoints])
             check(replies, [f"service {e.service}: veth {e.veth}: on bridge {network.bridge}" for e in endpoints])
     except BaseException:
         for pinned in pins:

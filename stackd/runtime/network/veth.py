@@ -44,6 +44,6 @@ def veth_pair_message(
     return message
 
 
-def host_end_message(host_name: str, bridge_index: int) -> ifinfmsg:
-    """Put the host end on the bridge and set it up (it is found by name)."""
-    return link_up_message(ifname=host_name, master=bridge_index)
+def host_end_message(host_name: str, bridge_index: int, group: int | None = None) -> ifinfmsg:
+    """Put the host end on the bridge, in the stack's netdev group, and set it up (found by name)."""
+    return link_up_message(ifname=host_name, master=bridge_index, group=group)
