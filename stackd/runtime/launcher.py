@@ -9,6 +9,7 @@ See stackd.runtime.launcher_server for the process itself and its protocol.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -237,6 +238,13 @@ class Launcher:
             event.set()
         for listener in self._listeners:
             listener(exit)
+
+    def begin_close(self) -> None:
+        """Tell the launcher process to end (it sees the end of its socket) without waiting for it;
+        leaving open() waits. Nothing can be launched after this."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
 
     async def _shutdown(self) -> None:
         self._closed = True

@@ -99,6 +99,7 @@ class StackSupervisor:
         source = str(stack.source.resolve()) if stack.source else ""
         record = StateRecord.for_this_process(paths, source)
         record.save()
+        cleaned = False
         try:
             async with Launcher.open() as launcher:
                 supervisor = cls(stack, paths=paths, launcher=launcher, record=record, emit=emit, output=output)
@@ -113,11 +114,15 @@ class StackSupervisor:
                                 await supervisor.publisher.aclose()
                         for scope in list(supervisor._service_scopes):
                             scope.cancel()
+                # Every service is gone: the launcher process ends while the rest is removed.
+                launcher.begin_close()
+                with anyio.CancelScope(shield=True):
+                    cleaned = True
+                    await _remove_reporting(record, emit)
         finally:
-            with anyio.CancelScope(shield=True):
-                problems = await remove_recorded(record)
-                for problem in problems:
-                    emit("cleanup-failed", "", problem=problem)
+            if not cleaned:
+                with anyio.CancelScope(shield=True):
+                    await _remove_reporting(record, emit)
 
     async def up(self, services: Iterable[str] | None = None) -> None:
         """Start the services named (default all) and what they depend on; return when all have finished."""
@@ -306,3 +311,9 @@ class StackSupervisor:
         async with anyio.create_task_group() as group:
             for name in self.runners:
                 group.start_soon(stop, name)
+
+
+async def _remove_reporting(record: StateRecord, emit: Emit) -> None:
+    """Remove what the record lists; tell what could not be removed."""
+    for problem in await remove_recorded(record):
+        emit("cleanup-failed", "", problem=problem)
