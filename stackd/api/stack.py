@@ -208,8 +208,7 @@ class Service:
     @property
     def ports(self) -> tuple[PublishedPort, ...]:
         """Its published ports, with the host ports actually bound (``ports = ["8080:80"]``)."""
-        ports_of = getattr(self.stack._supervisor, "ports_of", None)
-        return parse_published_ports(list(ports_of(self.name))) if ports_of is not None else ()
+        return parse_published_ports(list(self.stack._supervisor.ports_of(self.name)))
 
     def port(self, container_port: int, protocol: str = "tcp") -> tuple[str, int]:
         """``(host_ip, host_port)`` where `container_port` is published on the host; StackdError if it is not."""

@@ -164,22 +164,40 @@ async def test_one_project_runs_once_at_a_time(project: str, roots: dict[str, An
     assert supervisor_alive(StackPaths(project, roots["state_dir"], roots["log_dir"])) is None
 
 
-async def test_published_ports(project: str, roots: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_published_ports(project: str, roots: dict[str, Any]) -> None:
     assert parse_published_ports(["127.0.0.1:8080->80/tcp", "[::1]:9000-9001->90-91/udp", "junk"]) == (
         stackd.PublishedPort("127.0.0.1", 8080, 80),
         stackd.PublishedPort("::1", 9000, 90, "udp"),
         stackd.PublishedPort("::1", 9001, 91, "udp"),
     )
-    async with stackd.open_stack(SPEC, project=project, wait=None, **roots) as stack:
-        monkeypatch.setattr(
-            stack._supervisor, "ports_of", lambda name: ("127.0.0.1:49153->80/tcp",) if name == "web" else ()
-        )
-        assert stack["web"].port(80) == ("127.0.0.1", 49153)
-        assert [str(p) for p in stack["web"].ports] == ["127.0.0.1:49153->80/tcp"]
+    spec = {
+        "services": {
+            "web": {
+                "command": ["python3", "-c", SERVE_HELLO],
+                "ports": ["8000"],  # any free host port, on 127.0.0.1
+                "healthcheck": {"test": ["CMD", "python3", "-c", PROBE_8000], "interval": "50ms"},
+            }
+        }
+    }
+    async with stackd.open_stack(spec, project=project, **roots) as stack:
+        host, port = stack["web"].port(8000)
+        assert host == "127.0.0.1" and port > 0
+        assert [str(p) for p in stack["web"].ports] == [f"127.0.0.1:{port}->8000/tcp"]
+        async with await anyio.connect_tcp(host, port) as conn:  # through the supervisor's proxy
+            assert await conn.receive(10) == b"hello"
         with pytest.raises(
-            stackd.StackdError, match=r"port 81/tcp is not published \(published: 127.0.0.1:49153->80/tcp\)"
+            stackd.StackdError, match=rf"port 81/tcp is not published \(published: 127.0.0.1:{port}->8000/tcp\)"
         ):
             stack["web"].port(81)
+
+
+SERVE_HELLO = """
+import socket
+server = socket.create_server(("0.0.0.0", 8000))
+while True:
+    conn, _ = server.accept(); conn.sendall(b"hello"); conn.close()
+"""
+PROBE_8000 = "import socket; socket.create_connection(('127.0.0.1', 8000), timeout=1).recv(5)"
 
 
 def test_a_stack_in_a_thread_serves_plain_code_and_other_event_loops(project: str, roots: dict[str, Any]) -> None:
