@@ -30,7 +30,7 @@ FLOOR_ALLOWED = {"errors": {"errors"}, "spec": {"spec", "errors"}, "_sys": {"_sy
 
 
 def layer_of(module: str) -> str:
-    """"stackd.runtime.cgroups" -> "runtime"; "stackd" -> "stackd"."""
+    """ "stackd.runtime.cgroups" -> "runtime"; "stackd" -> "stackd"."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "stackd"
 
