@@ -288,7 +288,9 @@ class ServiceRunner:
         if self.state in ("running", "starting") and self.pid is not None and self.last_exit_pid != self.pid:
             self.state = "stopping"
             number = signal_number(self.service.stop_signal)
-            if reaches(self.pid, number):
+            # With `init`, pid 1 is tini: it takes every signal with sigtimedwait, which /proc cannot
+            # show (the waited signals are unblocked while it waits), and passes it on.
+            if self.service.init or reaches(self.pid, number):
                 self._emit("stopping", self.name, signal=self.service.stop_signal, grace=grace)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, number)

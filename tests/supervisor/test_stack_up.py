@@ -186,3 +186,19 @@ async def test_a_cancelled_caller_still_gets_everything_stopped_and_removed(tmp_
     lines = [line.raw() for line in read_log(log_path(paths.logs, "web"))]
     assert lines == [b"up\n", b"bye\n"]
     assert not (tmp_path / "state" / project).exists()
+
+
+async def test_a_service_under_init_gets_its_stop_signal(tmp_path: Path, project: str) -> None:
+    """tini (`init = true`) blocks every signal and takes them with sigtimedwait: no handler in
+    SigCgt, yet the stop signal reaches it and it passes it on; no kill at once."""
+    toml = """
+        [services.web]
+        command = ["sh", "-c", "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done"]
+        init = true
+    """
+    sink = await run_stack(toml, tmp_path, project, until=1.0)
+    assert not sink.of("killing", "web"), sink.of("killing", "web")
+    ((_, exited),) = sink.of("exited", "web")
+    assert exited.get("code") == 0
+    # tini -g signals the whole process group: the shell's `sleep` too (which the shell reports)
+    assert bytes(sink.output["web"]).startswith(b"up\n") and bytes(sink.output["web"]).endswith(b"bye\n")
