@@ -337,6 +337,9 @@ class Stack:
         self._up_error: BaseException | None = None
         self._loop_thread = threading.get_ident()
         self._portal: BlockingPortal | None = None
+        # Set once its services are stopped (their output on disk, their ports free), before its
+        # cgroups, network and state are removed: open_stack_in_thread(defer_cleanup=...) waits for this.
+        self._services_down = threading.Event()
 
     def __repr__(self) -> str:
         return f"<stackd.Stack {self.project} services={list(self._services)}{' closed' if self._closed else ''}>"
@@ -910,7 +913,10 @@ async def open_stack(
                         tasks.cancel_scope.cancel()
                 finally:
                     handle._close()
-                    await supervisor.down(grace=stop_timeout)
+                    try:
+                        await supervisor.down(grace=stop_timeout)
+                    finally:
+                        handle._services_down.set()
 
     stop = anyio.Event()
     try:

@@ -12,7 +12,8 @@ runs fixtures of any scope without tying them to a test's event loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import anyio
@@ -26,11 +27,22 @@ __all__ = ["open_stack_in_thread"]
 
 
 @contextlib.contextmanager
-def open_stack_in_thread(spec: SpecLike, **options: Any) -> Iterator[Stack]:
+def open_stack_in_thread(
+    spec: SpecLike, *, defer_cleanup: Callable[[Callable[[], None]], None] | None = None, **options: Any
+) -> Iterator[Stack]:
     """Like :func:`open_stack` (same arguments), as a plain context manager: the stack runs on an
     asyncio event loop in a background thread, from its start to its teardown, which happens on any
-    exit of the ``with`` block (an exception, a KeyboardInterrupt too)."""
-    with start_blocking_portal("asyncio") as portal:
+    exit of the ``with`` block (an exception, a KeyboardInterrupt too).
+
+    With `defer_cleanup`, leaving the block returns once the services are stopped (their output on
+    disk, their ports free); the removal of the rest (network, cgroups, state: tens of milliseconds of
+    the kernel's time) goes on in the background, and `defer_cleanup` is handed a function that waits
+    for it to end and raises what it raised. The pytest plugin uses this to overlap one test's
+    clean-up with the next test; whoever defers must call that function before the process ends."""
+    exits = contextlib.ExitStack()
+    portal = exits.enter_context(start_blocking_portal("asyncio"))
+    deferred = False
+    try:
         stop = portal.call(anyio.Event)
 
         async def hold(*, task_status: anyio.abc.TaskStatus[Stack]) -> None:
@@ -46,4 +58,26 @@ def open_stack_in_thread(spec: SpecLike, **options: Any) -> Iterator[Stack]:
         finally:
             with contextlib.suppress(RuntimeError):  # the portal's loop already ended
                 portal.call(stop.set)
-            future.result()
+            if defer_cleanup is not None and _services_stopped(stack, future):
+
+                def finish() -> None:
+                    try:
+                        future.result()
+                    finally:
+                        exits.close()
+
+                deferred = True
+                defer_cleanup(finish)
+            else:
+                future.result()
+    finally:
+        if not deferred:
+            exits.close()
+
+
+def _services_stopped(stack: Stack, future: Future[Any]) -> bool:
+    """Wait until the stack's services are stopped; False when its teardown ended (or failed) first."""
+    while not stack._services_down.wait(0.05):
+        if future.done():
+            return False
+    return not future.done()

@@ -113,6 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = config.getoption("--stackd-state-dir") or config.getini("stackd_state_dir")
     log = config.getoption("--stackd-log-dir") or config.getini("stackd_log_dir")
     leak = config.getoption("--stackd-leak-check")
+    config.stash[_CLEANUPS] = _Cleanups()
     config.stash[_SETTINGS] = StackdSettings(
         prefix=str(config.getini("stackd_project_prefix") or "pt"),
         state_dir=Path(state) if state else None,
@@ -123,6 +124,60 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _SETTINGS = pytest.StashKey[StackdSettings]()
+
+
+class _Cleanups:
+    """The stacks whose clean-up goes on in the background: at most MAX_PENDING at a time (the
+    oldest is waited for when one more comes), all of them waited for at the end of the session.
+    A clean-up that failed fails the session and is printed in its summary."""
+
+    MAX_PENDING = 2
+
+    def __init__(self) -> None:
+        self.pending: list[Callable[[], None]] = []
+        self.errors: list[str] = []
+
+    def add(self, finish: Callable[[], None]) -> None:
+        self.pending.append(finish)
+        while len(self.pending) > self.MAX_PENDING:
+            self._finish(self.pending.pop(0))
+
+    def finish_all(self) -> None:
+        while self.pending:
+            self._finish(self.pending.pop(0))
+
+    def _finish(self, finish: Callable[[], None]) -> None:
+        try:
+            finish()
+        except Exception as error:  # reported at the end; the other stacks are still cleaned up
+            self.errors.append(f"{type(error).__name__}: {error}")
+
+
+_CLEANUPS = pytest.StashKey[_Cleanups]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cleanups = session.config.stash.get(_CLEANUPS, None)
+    if cleanups is None:
+        return
+    cleanups.finish_all()
+    if cleanups.errors and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    cleanups = terminalreporter.config.stash.get(_CLEANUPS, None)
+    if cleanups is not None and cleanups.errors:
+        terminalreporter.section("stackd: stacks whose clean-up failed", red=True)
+        for error in cleanups.errors:
+            terminalreporter.write_line(error)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cleanups = config.stash.get(_CLEANUPS, None)
+    if cleanups is not None:
+        cleanups.finish_all()  # a session that ended early (an internal error) still cleans up
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -229,8 +284,12 @@ def open_test_stack(request: pytest.FixtureRequest, spec: SpecLike, **options: A
         from stackd.testing.leaks import take_snapshot
 
         before = take_snapshot()
+    # Without the leak check, a stack's last clean-up (network, cgroups, state) goes on in the background
+    # once its services are stopped, while the next test starts; the session waits for it at its end.
+    cleanups: _Cleanups = request.config.stash[_CLEANUPS]
+    defer = None if before is not None else cleanups.add
     try:
-        with open_stack_in_thread(spec, project=project, **options) as stack:
+        with open_stack_in_thread(spec, project=project, defer_cleanup=defer, **options) as stack:
             yield stack
     finally:
         if before is not None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,17 @@ def test_a_stack_in_a_thread_serves_plain_code_and_other_event_loops(project: st
 
         anyio.run(from_another_loop)
         assert stack["web"].status.restarts == 0 and stack["web"].status.state == "running"
+    assert stack.closed and not (roots["state_dir"] / project).exists()
+
+
+def test_a_deferred_cleanup_returns_once_the_services_are_stopped(project: str, roots: dict[str, Any]) -> None:
+    finishes: list[Callable[[], None]] = []
+    with stackd.open_stack_in_thread(SPEC, project=project, defer_cleanup=finishes.append, **roots) as stack:
+        pids = [stack[name].pid for name in ("db", "web")]
+        assert all(pids)
+    assert len(finishes) == 1, "the rest is handed over, not done"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids), "the services are stopped already"
+    finishes[0]()  # waits for the network, cgroups and state to go
     assert stack.closed and not (roots["state_dir"] / project).exists()
 
 

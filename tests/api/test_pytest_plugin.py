@@ -125,3 +125,30 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one(inner: tuple[pytest.Pytester
     while [pid for pid in pids if os.path.exists(f"/proc/{pid}")]:
         assert time.monotonic() < deadline, "a service of the killed run survived"
         time.sleep(0.02)
+
+
+def test_a_stacks_last_cleanup_overlaps_the_next_test_and_ends_with_the_session(
+    inner: tuple[pytest.Pytester, str],
+) -> None:
+    """Without the leak check, a test's stack is left once its services are stopped; its network,
+    cgroups and state go in the background, and the session waits for them at its end (the outer
+    leak check then finds nothing)."""
+    pytester, _ = inner
+    pytester.makepyfile(
+        test_inner="""
+        import os
+        seen = []
+
+        def test_1(fresh):
+            seen.append(fresh["db"].pid)
+
+        def test_2(fresh):
+            seen.append(fresh["db"].pid)
+            assert not os.path.exists(f"/proc/{seen[0]}"), "the previous test's services are stopped"
+
+        def test_3(fresh):
+            assert not any(os.path.exists(f"/proc/{pid}") for pid in seen)
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-o", "stackd_leak_check=false")
+    result.assert_outcomes(passed=3)
