@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import tomli_w
 
-from stackd.cli.events import configure_events, event_logger
+from stackd.cli.events import configure_events, event_logger, log_event
 from stackd.cli.remote import warn
 from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
@@ -50,7 +50,7 @@ def run_supervisor(stack: Stack, args: argparse.Namespace) -> int:
 
     def emit(event: str, service: str, **fields: Any) -> None:
         hub.publish(event, service, fields)
-        log.info(event, service=service or None, **fields)
+        log_event(log, event, service=service or None, **fields)
 
     def listening(supervisor: Any) -> None:
         nonlocal fd

@@ -32,3 +32,12 @@ def configure_events(log_format: str = "console") -> None:
 
 def event_logger() -> Any:
     return structlog.get_logger("stackd")
+
+
+#: The supervisor's events that are logged as warnings (the others are info).
+WARNING_EVENTS = frozenset({"warning", "cleanup-failed"})
+
+
+def log_event(log: Any, event: str, **fields: Any) -> None:
+    """Log one of the supervisor's events at its level."""
+    (log.warning if event in WARNING_EVENTS else log.info)(event, **fields)

@@ -22,7 +22,7 @@ import anyio
 
 from stackd.cli import detached
 from stackd.cli.config_verbs import stack_file
-from stackd.cli.events import configure_events, event_logger
+from stackd.cli.events import configure_events, event_logger, log_event
 from stackd.cli.progress import ProgressLine
 from stackd.cli.remote import project_paths, table
 from stackd.errors import StackdError
@@ -188,15 +188,15 @@ class _AroundProgress:
 
     def info(self, event: str, **fields: Any) -> None:
         if self.progress is None or not self.progress.active:
-            self.log.info(event, **fields)
+            log_event(self.log, event, **fields)
             return
         if event in ("stopping", "killing", "aborting"):
             self.progress.finish()
-            self.log.info(event, **fields)
+            log_event(self.log, event, **fields)
             return
         self.progress.hide()
         try:
-            self.log.info(event, **fields)
+            log_event(self.log, event, **fields)
         finally:
             self.progress.show()
 

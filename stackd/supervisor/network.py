@@ -59,7 +59,12 @@ from stackd.runtime.network import (
     write_names_files,
 )
 from stackd.runtime.network.bridge import ensure_bridge
-from stackd.runtime.network.firewall import StackFirewall, install_firewall, remove_firewall
+from stackd.runtime.network.firewall import (
+    StackFirewall,
+    bridged_traffic_warning,
+    install_firewall,
+    remove_firewall,
+)
 from stackd.runtime.network.hosts import HostsEntry
 from stackd.runtime.network.names import bridge_name, netns_dir
 from stackd.runtime.network.netns import create_namespaces, prepare_pin_dir, release_pin_dir, unpin
@@ -86,6 +91,7 @@ class StackNetworking:
         self.endpoints: dict[str, Endpoint] = {}
         self.pins: set[str] = set()  # services with mode "none" whose namespace is pinned (shared)
         self.resolvers: tuple[IPv4Address, ...] = ()  # the host's, listed in resolv.conf with outbound
+        self.warnings: list[str] = []  # about the host, found while making the network; the caller tells
 
     # -- what a service gets ---------------------------------------------------------------------
 
@@ -172,6 +178,8 @@ class StackNetworking:
             await create_network(network, self.paths, points)
             # The network record (bridge, subnet, outbound) is the firewall's record too.
             await install_firewall(StackFirewall.for_network(network, outbound=outbound))
+            if len(self.stack.services) > 1 and (warning := await bridged_traffic_warning(network.bridge)):
+                self.warnings.append(warning)
         else:
             async with host_rtnl() as host:
                 bridge = await ensure_bridge(host, network.bridge, network.subnet, mtu=network.mtu)

@@ -144,6 +144,8 @@ class StackSupervisor:
         if not had_network and self.network.network is not None:
             network = self.network.network
             self._emit("network", "", subnet=str(network.subnet), bridge=network.bridge, gateway=str(network.gateway))
+        while self.network.warnings:
+            self._emit("warning", "", problem=self.network.warnings.pop(0))
         await self._publish(names)
         self._selected = list(dict.fromkeys([*self._selected, *names]))
         for name in names:

@@ -458,3 +458,27 @@ async def test_an_outbound_stack_gets_the_nat_rules_and_they_go_with_it(tmp_path
         group.cancel_scope.cancel()
     assert await show_firewall(bridge_name(project)) is None
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forwarding_before
+
+
+async def test_a_warning_about_the_hosts_firewall_is_an_event(
+    tmp_path: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detection itself is tested in a namespace of its own (test_net_firewall.py); here, that what it
+    finds reaches the stack's events once, when the network is made."""
+    import stackd.supervisor.network as supervisor_network
+
+    async def warn(bridge: str) -> str:
+        return f"drops {bridge}"
+
+    monkeypatch.setattr(supervisor_network, "bridged_traffic_warning", warn)
+    stack = parse_stack('[services.a]\ncommand = ["true"]\n[services.b]\ncommand = ["true"]', file=tmp_path / "s.toml",
+                        project=project)  # fmt: skip
+    paths = StackPaths(project, state_root=tmp_path / "state", log_root=tmp_path / "log")
+    events = Events()
+    async with (
+        LogRouter(paths.logs) as router,
+        StackSupervisor.open(stack, emit=events.emit, output=router, paths=paths) as sup,
+    ):
+        await sup.up()
+    warnings = [fields for event, _, fields in events.events if event == "warning"]
+    assert warnings == [{"problem": f"drops {bridge_name(project)}"}]

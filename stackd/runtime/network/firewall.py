@@ -89,7 +89,9 @@ from stackd.runtime.network.stack import StackNetwork
 __all__ = [
     "FORWARDING_RECORD",
     "StackFirewall",
+    "bridged_traffic_warning",
     "firewall_table",
+    "forward_dropping_chains",
     "install_firewall",
     "list_stackd_tables",
     "remove_firewall",
@@ -223,6 +225,52 @@ async def show_firewall(bridge: str, *, counters: bool = True) -> str | None:
     `nft` needed); None when there is none."""
     async with nft_socket() as sock:
         return await describe_table(sock, nft_table_name(bridge), counters=counters)
+
+
+# --- the host's own firewall -------------------------------------------------------------------------------
+
+_NFPROTO_FAMILY_NAMES = {1: "inet", 2: "ip"}
+_FORWARD_HOOK = 2
+_NF_DROP = 0
+_BRIDGE_NF_CALL_IPTABLES = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+async def forward_dropping_chains() -> list[str]:
+    """The host's base chains on the forward hook, of families ip and inet, whose policy is drop, as
+    `ip filter FORWARD` (iptables-nft's, a running dockerd sets it; an nft ruleset's). Read-only.
+    iptables-legacy's chains are not seen (they are not nftables)."""
+    async with nft_socket() as sock:
+        dump = await query(sock, dump_chains_message(family=0))  # NFPROTO_UNSPEC: every family
+    check([dump], ["nftables: list the chains"])
+    found = []
+    for message in dump.messages:
+        family = _NFPROTO_FAMILY_NAMES.get(message["nfgen_family"])
+        hook = message.get_attr("NFTA_CHAIN_HOOK")
+        if family is None or hook is None or hook.get_attr("NFTA_HOOK_HOOKNUM") != _FORWARD_HOOK:
+            continue
+        if message.get_attr("NFTA_CHAIN_POLICY") == _NF_DROP:
+            found.append(f"{family} {message.get_attr('NFTA_CHAIN_TABLE')} {message.get_attr('NFTA_CHAIN_NAME')}")
+    return sorted(found)
+
+
+async def bridged_traffic_warning(bridge: str) -> str | None:
+    """Why the services on `bridge` may not reach each other, or None: br_netfilter passes bridged
+    IPv4 through the forward hook (net.bridge.bridge-nf-call-iptables = 1), where a drop policy of the
+    host's firewall is final, whatever the stack's own table accepts."""
+    try:
+        if _BRIDGE_NF_CALL_IPTABLES.read_text().strip() != "1":
+            return None
+    except OSError:  # br_netfilter is not loaded: bridged frames never meet the forward hook
+        return None
+    chains = await forward_dropping_chains()
+    if not chains:
+        return None
+    return (
+        f"the host's firewall drops forwarded traffic (policy drop: {', '.join(chains)}) and br_netfilter "
+        "passes bridged traffic through it (net.bridge.bridge-nf-call-iptables = 1): the services of this "
+        f"stack cannot reach each other until it accepts them, e.g. `iptables -I FORWARD -i {bridge} -o "
+        f"{bridge} -j ACCEPT` (docs/networking.md)"
+    )
 
 
 # --- ip_forward ---------------------------------------------------------------------------------------------

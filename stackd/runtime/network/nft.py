@@ -448,9 +448,11 @@ def dump_tables_message() -> nft_table_msg:
     return _header(nft_table_msg(), NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_DUMP)
 
 
-def dump_chains_message() -> nft_chain_msg:
-    """Every chain of every table of family inet."""
-    return _header(nft_chain_msg(), NFT_MSG_GETCHAIN, NLM_F_REQUEST | NLM_F_DUMP)
+def dump_chains_message(family: int = NFPROTO_INET) -> nft_chain_msg:
+    """Every chain of every table of `family` (0: of every family)."""
+    message = _header(nft_chain_msg(), NFT_MSG_GETCHAIN, NLM_F_REQUEST | NLM_F_DUMP)
+    message["nfgen_family"] = family
+    return message
 
 
 def _dump_rules_message(table: str) -> nft_rule_msg:
@@ -465,7 +467,7 @@ def _dump_rules_message(table: str) -> nft_rule_msg:
 @contextlib.asynccontextmanager
 async def nft_socket() -> AsyncIterator[AsyncNFTSocket]:
     """An nfnetlink socket for nftables, in the calling thread's network namespace, closed afterwards
-    (without waiting for the kernel, see _close_soon)."""
+    (without waiting for the kernel, see _close_soon). Each message names its family."""
     sock = AsyncNFTSocket(nfgen_family=NFPROTO_INET)
     try:
         yield sock
