@@ -26,7 +26,7 @@ from stackd.errors import StackdError
 from stackd.runtime.paths import StackPaths
 from stackd.spec import Stack, stack_to_dict
 from stackd.spec.graph import with_dependencies
-from stackd.supervisor.control import ControlClient, EventHub
+from stackd.supervisor.control import ControlClient, ControlError, EventHub
 from stackd.supervisor.router import LogRouter
 from stackd.supervisor.state import StateRecord
 
@@ -116,17 +116,27 @@ def up_detached(stack: Stack, args: argparse.Namespace) -> int:
         if line.startswith("error "):
             warn(line[len("error ") :])
         else:
-            tail = b""
-            with contextlib.suppress(OSError):
-                tail = log_path.read_bytes()[-2000:]
-            warn(f"the supervisor exited before the stack was up; its log ({log_path}) ends with:")
-            sys.stderr.write(tail.decode(errors="replace"))
+            _show_log_tail(log_path)
         return 1
     print(
         f"stackd: {stack.name} runs in the background (supervisor pid {process.pid}, log {log_path})", file=sys.stderr
     )
-    with ControlClient.connect(paths) as client:
-        return wait_and_show(client, stack, args)
+    try:
+        with ControlClient.connect(paths) as client:
+            return wait_and_show(client, stack, args)
+    except ControlError:  # it ended while the stack came up (a port in use, ...): say why
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        _show_log_tail(log_path)
+        return 1
+
+
+def _show_log_tail(log_path: Path) -> None:
+    tail = b""
+    with contextlib.suppress(OSError):
+        tail = log_path.read_bytes()[-2000:]
+    warn(f"the supervisor exited before the stack was up; its log ({log_path}) ends with:")
+    sys.stderr.write(tail.decode(errors="replace"))
 
 
 def _up_again(stack: Stack, args: argparse.Namespace, paths: StackPaths) -> int:

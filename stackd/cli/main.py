@@ -71,10 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:  # from the supervisor's task groups: the errors themselves
+        errors = _leaves(group)
+        if not all(isinstance(leaf, StackdError | KeyboardInterrupt) for leaf in errors):
+            raise
+        reported = [leaf for leaf in errors if isinstance(leaf, StackdError)]
+        for leaf in reported:
+            print(f"stackd: {leaf}", file=sys.stderr)
+        return reported[0].exit_code if reported else EXIT_INTERRUPTED
     except BrokenPipeError:
         # Output piped into `head` and the like: not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return leaves
 
 
 if __name__ == "__main__":

@@ -136,3 +136,18 @@ def test_up_detached_refuses_what_foreground_up_refuses(cli: Cli) -> None:
     both = cli("up", "-d", "--abort-on-container-exit")
     assert both.returncode == 2
     assert cli.supervisor_pid() is None
+
+
+def test_a_port_in_use_fails_up_with_its_reason_in_front_and_detached(cli: Cli) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        cli.write(f'[services.web]\ncommand = ["sleep", "30"]\nports = ["{port}:80"]\n')
+        reason = (
+            f'stackd: service web: ports "127.0.0.1:{port}:80/tcp": cannot listen on 127.0.0.1:{port}/tcp: '
+            "address already in use (EADDRINUSE)"
+        )
+        for args in (["up"], ["up", "-d"]):
+            result = cli(*args)
+            assert result.returncode == 1, (args, result.stderr)
+            assert reason in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+            assert processes_in(cli.project) == [] and not cli.state.exists(), args  # nothing stays
