@@ -34,10 +34,13 @@ def event_logger() -> Any:
     return structlog.get_logger("stackd")
 
 
-#: The supervisor's events that are logged as warnings (the others are info).
+#: The supervisor's events logged above info: a service that could not start is an error, what could
+#: not be removed or may not work is a warning.
+ERROR_EVENTS = frozenset({"failed", "dependency-failed"})
 WARNING_EVENTS = frozenset({"warning", "cleanup-failed"})
 
 
 def log_event(log: Any, event: str, **fields: Any) -> None:
     """Log one of the supervisor's events at its level."""
-    (log.warning if event in WARNING_EVENTS else log.info)(event, **fields)
+    level = log.error if event in ERROR_EVENTS else log.warning if event in WARNING_EVENTS else log.info
+    level(event, **fields)
