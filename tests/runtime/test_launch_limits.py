@@ -63,8 +63,10 @@ async def test_plain_sigkill_is_not_an_oom_kill(tmp_path: Path, project: str) ->
 
 
 async def test_fork_bomb_is_contained_by_pids_limit(tmp_path: Path, project: str) -> None:
-    # Every process forks two more that do the same, forever; the ones that cannot fork wait.
-    bomb = "b() { b & b & wait; sleep 1000; }; b"
+    # Every process forks two more that do the same, forever; the ones that cannot fork wait. The bomb
+    # runs under a pid 1 that forks only once: a shell whose fork fails exits (code 2), and the test
+    # wants the service alive until the cgroup is killed.
+    bomb = "(b() { b & b & wait; sleep 1000; }; b) & wait; exec sleep 1000"
     # cpus and mem_limit are only a safety net for the host, should pids_limit not hold.
     toml = stack_toml(command=sh(bomb), pids_limit=32, cpus=1, mem_limit="256MiB")
     async with started(toml, tmp_path=tmp_path, project=project) as running:
