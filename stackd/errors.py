@@ -17,6 +17,7 @@ __all__ = [
     "Problem",
     "StackFileError",
     "StackdError",
+    "leaf_exceptions",
 ]
 
 
@@ -87,3 +88,11 @@ class CgroupError(StackdError):
 
 class NetworkError(StackdError):
     """A bridge, namespace, veth, address or route could not be set up or removed."""
+
+
+def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in `group` and in the groups inside it (task groups nest them), in order."""
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves += leaf_exceptions(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return leaves

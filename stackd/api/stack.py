@@ -47,7 +47,7 @@ from stackd.api.types import (
     PublishedPort,
     parse_published_ports,
 )
-from stackd.errors import LaunchError, StackdError
+from stackd.errors import LaunchError, StackdError, leaf_exceptions
 from stackd.runtime.paths import DEFAULT_LOG_ROOT, DEFAULT_STATE_ROOT, StackPaths
 from stackd.runtime.plan import exec_plan
 from stackd.spec import Service as ServiceSpec
@@ -938,7 +938,7 @@ async def open_stack(
     except BaseExceptionGroup as group:
         # Task groups (ours, the supervisor's) wrap what the block raised: give the caller its own
         # exception back (pytest.raises(MyError), except KeyboardInterrupt), unless there are several.
-        leaves = _leaves(group)
+        leaves = leaf_exceptions(group)
         if len(leaves) != 1:
             raise
         error, context = leaves[0], leaves[0].__context__
@@ -946,10 +946,3 @@ async def open_stack(
             raise error
         finally:
             error.__context__ = context
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for error in group.exceptions:
-        out += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
-    return out

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from stackd import __version__
 from stackd.cli import config_verbs, exec_verb, logs_verb, service_verbs, stack_verbs
-from stackd.errors import StackdError
+from stackd.errors import StackdError, leaf_exceptions
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseExceptionGroup as group:  # from the supervisor's task groups: the errors themselves
-        errors = _leaves(group)
+        errors = leaf_exceptions(group)
         if not all(isinstance(leaf, StackdError | KeyboardInterrupt) for leaf in errors):
             raise
         reported = [leaf for leaf in errors if isinstance(leaf, StackdError)]
@@ -83,13 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: not an error of ours.
         sys.stderr.close()
         return EXIT_OK
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for error in group.exceptions:
-        leaves += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
-    return leaves
 
 
 if __name__ == "__main__":

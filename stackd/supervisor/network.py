@@ -199,11 +199,7 @@ class StackNetworking:
         going = [point for name, point in self.endpoints.items() if unused(name, "bridge")]
         problems: list[str] = []
         if going:
-            report = await detach_endpoints(going)
-            problems += [
-                f"service {service}: its network namespace is still held by pid(s) {', '.join(map(str, pids))}"
-                for service, pids in report.held.items()
-            ]
+            problems += (await detach_endpoints(going)).problems()
             for point in going:
                 del self.endpoints[point.service]
                 self.record.discard(ENDPOINT, point.service)
@@ -311,10 +307,7 @@ async def teardown_from_record(record: StateRecord, *, timeout: float | None = N
         network = StackNetwork.from_record(record.paths.project, stack or _unknown_network(record.paths))
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         report: TeardownReport = await teardown_network(network, record.paths, points, **kwargs)
-        problems += [
-            f"service {service}: its network namespace is still held by pid(s) {', '.join(map(str, pids))}"
-            for service, pids in report.held.items()
-        ]
+        problems += report.problems()
         try:
             await remove_firewall(network.bridge)
         except NetworkError as error:

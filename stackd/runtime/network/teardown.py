@@ -61,12 +61,16 @@ class TeardownReport:
     def clean(self) -> bool:
         return not self.held
 
+    def problems(self) -> list[str]:
+        """A line per namespace still held, naming the service and the pids in it."""
+        return [
+            f"service {service}: its network namespace is still held by pid(s) {', '.join(map(str, pids))}"
+            for service, pids in self.held.items()
+        ]
+
     def __str__(self) -> str:
         lines = [f"unpinned {len(self.unpinned)} namespace(s) in {self.seconds * 1000:.1f} ms"]
-        lines += [
-            f"service {s}: its namespace is still held by pid(s) {', '.join(map(str, p))}" for s, p in self.held.items()
-        ]
-        return "\n".join(lines)
+        return "\n".join(lines + self.problems())
 
 
 async def teardown_network(
